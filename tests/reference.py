@@ -1,0 +1,39 @@
+"""Brute-force references: the explicit dense matrix of a convolution, built by applying it to basis vectors."""
+
+from __future__ import annotations
+
+import torch
+
+
+def periodic_conv(x: torch.Tensor, kernel: torch.Tensor, stride=(1, 1), dilation=(1, 1), padding=(0, 0)) -> torch.Tensor:
+    """PyTorch cross-correlation with circular boundary, any kernel size: y[i] = Σ_a W[a] x[(s·i + d·a − p) mod n]."""
+    n1, n2 = x.shape[-2:]
+    out = 0
+    for a in range(kernel.shape[2]):
+        for b in range(kernel.shape[3]):
+            shifted = torch.roll(x, shifts=(-(dilation[0] * a - padding[0]), -(dilation[1] * b - padding[1])), dims=(-2, -1))
+            sampled = shifted[..., :: stride[0], :: stride[1]]
+            out = out + torch.einsum("oc,nchw->nohw", kernel[:, :, a, b], sampled)
+    return out
+
+
+def operator_matrix(apply, in_shape: tuple[int, ...], dtype=torch.float64) -> torch.Tensor:
+    """Dense matrix of a linear map ``apply`` on tensors of shape ``in_shape`` (without batch): columns = images of
+    the basis vectors."""
+    size = 1
+    for d in in_shape:
+        size *= d
+    basis = torch.eye(size, dtype=dtype).reshape(size, *in_shape)
+    with torch.no_grad():
+        out = apply(basis)
+    return out.reshape(size, -1).T
+
+
+def periodic_matrix(kernel: torch.Tensor, input_size, stride=(1, 1), dilation=(1, 1)) -> torch.Tensor:
+    cin = kernel.shape[1]
+    k = kernel.double()
+    return operator_matrix(lambda x: periodic_conv(x, k, stride, dilation), (cin, *input_size))
+
+
+def dense_singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(matrix.double())

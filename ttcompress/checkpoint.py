@@ -1,0 +1,348 @@
+"""Reading checkpoints safely in every common form, and writing ttcompress's own safetensors files atomically.
+
+Read: torch zip files and legacy (pre-1.6) files via ``torch.load(weights_only=True)``, safetensors; a bare state
+dict or one nested under ``state_dict`` / ``model``; ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile)
+prefixes stripped; missing BatchNorm ``num_batches_tracked`` tolerated.  A file that needs full unpickling (a
+pickled ``nn.Module``, custom classes) is refused unless the caller opts in with ``trust_pickle=True`` — unpickling
+can execute arbitrary code.
+
+Write: ``.safetensors`` with one metadata entry ``ttcompress`` holding JSON (:class:`ModelMeta`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import pickle
+import struct
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ttcompress import archs
+from ttcompress.errors import CheckpointError, UserError
+from ttcompress.tt import apply_tt_structure, tt_ranks
+
+FORMAT_VERSION = 1
+META_KEY = "ttcompress"
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class ModelMeta:
+    """What a ttcompress output file says about its model (stored as JSON in the safetensors metadata)."""
+
+    arch: str
+    normalization: dict | None
+    input_size: list[int]
+    num_classes: int
+    tt_ranks: dict[str, list[int]] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelMeta":
+        try:
+            data = json.loads(text)
+            if data.get("format_version", 1) > FORMAT_VERSION:
+                raise CheckpointError(
+                    f"file was written by a newer ttcompress (format {data['format_version']}); upgrade ttcompress"
+                )
+            known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+            return cls(**known)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"malformed ttcompress metadata: {exc}") from exc
+
+
+@dataclass
+class LoadedModel:
+    """A network behind its normalisation, with the metadata that travels with it."""
+
+    model: archs.Normalized
+    meta: ModelMeta
+    source: Path | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        return self.model.net
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        c, h, w = self.meta.input_size
+        return (c, h, w)
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 0 < n < 100 * 2**20 and head[8:9] == b"{"
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelMeta | None]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
+    meta = ModelMeta.from_json(metadata[META_KEY]) if META_KEY in metadata else None
+    return tensors, meta
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if not trust_pickle and ("Weights only load failed" in text or "Unsupported global" in text):
+            raise CheckpointError(
+                f"{path} contains pickled Python objects beyond tensors (e.g. a whole nn.Module); refusing to "
+                "unpickle it because that can run arbitrary code. If you trust its source, pass --trust-pickle"
+            ) from exc
+        raise CheckpointError(f"cannot read {path}: not a valid PyTorch checkpoint ({_first_line(text)})") from exc
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, struct.error, OSError, AttributeError) as exc:
+        raise CheckpointError(
+            f"cannot read {path}: not a valid PyTorch or safetensors checkpoint, or truncated ({_first_line(str(exc))})"
+        ) from exc
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no detail"
+    return line[:160]
+
+
+def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    for prefix in _PREFIXES:
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix):]: v for k, v in out.items()}
+    return out
+
+
+def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor] | None, nn.Module | None]:
+    """Find the state dict inside whatever ``torch.load`` returned; or the module, for a pickled nn.Module."""
+    if isinstance(obj, nn.Module):
+        return None, obj
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state_dict", "net"):
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                return None, inner
+            if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                return _strip_prefixes({k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}), None
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return _strip_prefixes(tensors), None
+    raise CheckpointError(
+        "no state dict found: expected tensors at the top level or under 'state_dict' / 'model'"
+    )
+
+
+@dataclass
+class RawCheckpoint:
+    state_dict: dict[str, torch.Tensor] | None
+    module: nn.Module | None
+    meta: ModelMeta | None
+
+
+def read(path: str | os.PathLike, *, trust_pickle: bool = False) -> RawCheckpoint:
+    """Read a checkpoint file into tensors (and ttcompress metadata when present)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"no such checkpoint file: {p}")
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a directory, not a checkpoint file")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p} is empty")
+    if _is_safetensors(p):
+        tensors, meta = _read_safetensors(p)
+        return RawCheckpoint(_strip_prefixes(tensors), None, meta)
+    state, module = extract_state_dict(_torch_load(p, trust_pickle))
+    return RawCheckpoint(state, module, None)
+
+
+def _mismatch_message(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], arch: str) -> str | None:
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in given and k not in optional]
+    unexpected = [k for k in given if k not in expected]
+    misshaped = [
+        f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or misshaped):
+        return None
+
+    def few(items: list[str]) -> str:
+        more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+        return ", ".join(items[:3]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"missing {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {few(unexpected)}")
+    if misshaped:
+        parts.append(f"misshaped (checkpoint vs arch) {few(misshaped)}")
+    return f"checkpoint does not match --arch {arch}: " + "; ".join(parts)
+
+
+def load_state_into(net: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> None:
+    """Copy ``state`` into ``net`` bit-exactly after checking keys and shapes (clear error otherwise)."""
+    expected = net.state_dict()
+    problem = _mismatch_message(expected, state, arch)
+    if problem:
+        raise CheckpointError(problem)
+    with torch.no_grad():
+        for key, target in expected.items():
+            if key in state:
+                target.copy_(state[key].to(target.dtype))
+
+
+def _num_classes_in(info: archs.ArchInfo, state: Mapping[str, torch.Tensor]) -> int | None:
+    if not info.takes_num_classes:
+        return None
+    probe = archs.build_net(info)
+    key = archs.last_linear_key(probe)
+    if key and key in state and state[key].ndim == 2:
+        return int(state[key].shape[0])
+    return None
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_size: Sequence[int] | None = None,
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """Load any supported checkpoint as a :class:`LoadedModel` (network + normalisation + metadata).
+
+    ``arch`` is needed for foreign checkpoints and optional for ttcompress outputs (their metadata names it).
+    """
+    raw = read(path, trust_pickle=trust_pickle)
+    if raw.module is not None:
+        net = raw.module.float().eval()
+        meta = ModelMeta(arch=f"pickle:{Path(path).resolve()}", normalization=None,
+                         input_size=list(input_size or (3, 32, 32)),
+                         num_classes=archs.classifier_out_features(net) or 0, tt_ranks=tt_ranks(net))
+        if mean is not None or std is not None:
+            meta.normalization = {"mean": list(mean or []), "std": list(std or [])}
+        model = archs.Normalized(net, mean, std)
+        return LoadedModel(model, meta, Path(path))
+
+    assert raw.state_dict is not None
+    stored = raw.meta
+    spec = arch or (stored.arch if stored else None)
+    if spec is None:
+        raise UserError(f"{path} is not a ttcompress file: pass --arch to say which network it holds")
+    info = archs.resolve(spec)
+    num_classes = (stored.num_classes if stored and stored.arch == spec else None) or _num_classes_in(info, raw.state_dict)
+    net = archs.build_net(info, num_classes)
+    if stored and stored.tt_ranks:
+        apply_tt_structure(net, stored.tt_ranks)
+    load_state_into(net, raw.state_dict, spec)
+    net.eval()
+
+    if mean is not None or std is not None:
+        norm_mean, norm_std = mean, std
+    elif stored is not None:
+        norm = stored.normalization
+        norm_mean, norm_std = (norm["mean"], norm["std"]) if norm else (None, None)
+    else:
+        norm_mean, norm_std = info.mean, info.std
+    model = archs.Normalized(net, norm_mean, norm_std).eval()
+    size = list(input_size or (stored.input_size if stored else info.input_size))
+    meta = ModelMeta(
+        arch=spec,
+        normalization=model.normalization,
+        input_size=size,
+        num_classes=archs.classifier_out_features(net) or (num_classes or info.num_classes),
+        tt_ranks=tt_ranks(net),
+        history=list(stored.history) if stored else [],
+    )
+    return LoadedModel(model, meta, Path(path))
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
+
+def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
+    """Refuse to overwrite an input; create the parent folder; fail early when it is not writable."""
+    path = Path(out)
+    for source in inputs:
+        if source is not None and Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
+            raise UserError(f"refusing to write the output over the input {source}; choose another -o path")
+        if source is not None and path.resolve() == Path(source).resolve():
+            raise UserError(f"refusing to write the output over the input {source}; choose another -o path")
+    if path.exists() and path.is_dir():
+        raise UserError(f"output path {path} is a directory; give a file name such as {path / 'model.safetensors'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output directory {path.parent}: {exc.strerror}") from exc
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"output directory {path.parent} is not writable")
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync, then rename it into place."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def history_entry(command: str, **args: Any) -> dict:
+    from ttcompress import __version__
+
+    clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
+    return {
+        "command": command,
+        "args": clean,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "ttcompress": __version__,
+    }
+
+
+def save(loaded: LoadedModel, path: str | os.PathLike, entry: dict | None = None) -> Path:
+    """Write ``loaded`` as safetensors + metadata (atomically), appending ``entry`` to its history."""
+    from safetensors.torch import save_file
+
+    net = loaded.net
+    loaded.meta.tt_ranks = tt_ranks(net)
+    loaded.meta.normalization = loaded.model.normalization
+    if entry is not None:
+        loaded.meta.history.append(entry)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
+    metadata = {META_KEY: loaded.meta.to_json()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -1,0 +1,31 @@
+"""Errors a user can cause, and how the CLI reports them.
+
+`UserError` (and subclasses) mean "your input was wrong": the CLI prints its message on one line and exits with
+code 2.  Anything else that escapes a command is a runtime failure (exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class TTCompressError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    exit_code = 1
+
+
+class UserError(TTCompressError):
+    """Bad input: a missing file, a malformed option, a checkpoint that does not match its architecture."""
+
+    exit_code = 2
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be read, is unsafe, or does not fit the requested architecture."""
+
+
+class DataError(UserError):
+    """A data set that is missing, malformed, or cannot be fed to the model."""
+
+
+class DivergenceError(TTCompressError):
+    """Training produced a non-finite loss."""

@@ -1,0 +1,301 @@
+"""Tensor-train (TT) convolutions: ``last ∘ core ∘ first`` with orthonormal outer frames.
+
+A conv kernel ``W`` (Cout, Cin, kh, kw) is written as ``W[o,c,i,j] = Σ_{a,b} L[o,b] G[b,a,i,j] F[a,c]``: the TT
+decomposition with the filter modes merged into one core (equivalently Tucker-2).  ``F`` (r1×Cin) runs as a 1×1
+conv ``first``, ``G`` as the k×k conv ``core`` (the layer's stride/padding/dilation), ``L`` (Cout×r2) as the 1×1
+conv ``last`` carrying the original bias.  With orthonormal frames the layer's nonzero singular values are those of
+the core (Theorem 3.2), which is what makes exact control affordable.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ttcompress import kernel as K
+from ttcompress.errors import UserError
+
+
+class TTConv2d(nn.Module):
+    """``last(core(first(x)))``; behaves like the ``nn.Conv2d`` it replaces (same attributes, same output)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        ranks: tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__()
+        r1, r2 = ranks
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = K.pair(kernel_size)
+        self.stride, self.dilation = K.pair(stride), K.pair(dilation)
+        self.padding = padding if isinstance(padding, str) else K.pair(padding)
+        self.padding_mode = padding_mode
+        self.groups = 1
+        self.first = nn.Conv2d(in_channels, r1, 1, bias=False)
+        self.core = nn.Conv2d(
+            r1, r2, self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
+            bias=False, padding_mode=padding_mode,
+        )
+        self.last = nn.Conv2d(r2, out_channels, 1, bias=bias)
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        return (self.first.out_channels, self.core.out_channels)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.last.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.core(self.first(x)))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent ``(Cout, Cin, kh, kw)`` kernel."""
+        return K.compose_tt(K.as_matrix(self.first.weight), self.core.weight, K.as_matrix(self.last.weight))
+
+    def frames(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F, L)``: the first frame (r1×Cin, should have orthonormal rows) and last frame (Cout×r2, orthonormal
+        columns)."""
+        return K.as_matrix(self.first.weight), K.as_matrix(self.last.weight)
+
+    @torch.no_grad()
+    def set_factors(self, first: torch.Tensor, core: torch.Tensor, last: torch.Tensor) -> None:
+        """Write factors (F: r1×Cin, G: r2×r1×kh×kw, L: Cout×r2), zero-padding ranks that came out smaller."""
+        r1, r2 = self.ranks
+        f = first.new_zeros(r1, self.in_channels)
+        f[: first.shape[0]] = first
+        g = core.new_zeros(r2, r1, *self.kernel_size)
+        g[: core.shape[0], : core.shape[1]] = core
+        ell = last.new_zeros(self.out_channels, r2)
+        ell[:, : last.shape[1]] = last
+        self.first.weight.copy_(K.as_1x1(f))
+        self.core.weight.copy_(g)
+        self.last.weight.copy_(K.as_1x1(ell))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}, "
+                f"stride={self.stride}")
+
+
+def orthonormal_factors(layer: TTConv2d, dtype: torch.dtype = torch.float64):
+    """QR of both frames with the triangular factors folded into the core (Alg. 1, steps 1–3).
+
+    Returns ``(Qf, G', Ql)`` with ``Qf`` (r1'×Cin) orthonormal rows, ``Ql`` (Cout×r2') orthonormal columns and
+    ``compose_tt(Qf, G', Ql) == layer.dense_weight()``; r1' = min(r1, Cin), r2' = min(r2, Cout).
+    """
+    f, ell = (t.detach().to(dtype) for t in layer.frames())
+    qf, rf = torch.linalg.qr(f.T)  # F = Rfᵀ Qfᵀ
+    ql, rl = torch.linalg.qr(ell)  # L = Ql Rl
+    core = layer.core.weight.detach().to(dtype)
+    core = K.apply_output_frame(K.apply_input_frame(core, rf), rl)
+    return qf.T, core, ql
+
+
+# --- TT-SVD -------------------------------------------------------------------------------------------------------
+
+def _rank_for_energy(s: torch.Tensor, energy: float) -> int:
+    e = torch.cumsum(s**2, 0)
+    if e[-1] <= 0:
+        return 1
+    return int(torch.searchsorted(e / e[-1], torch.tensor(energy, dtype=e.dtype) - 1e-12).item()) + 1
+
+
+def _leading_left(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    u, _, _ = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank]
+
+
+@dataclass
+class TTFactors:
+    first: torch.Tensor  # (r1, Cin), orthonormal rows
+    core: torch.Tensor  # (r2, r1, kh, kw)
+    last: torch.Tensor  # (Cout, r2), orthonormal columns
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        return (self.first.shape[0], self.core.shape[0])
+
+    def dense(self) -> torch.Tensor:
+        return K.compose_tt(self.first, self.core, self.last)
+
+
+def tt_svd(
+    weight: torch.Tensor, rank: int | None = None, energy: float | None = None, refine: int = 2
+) -> TTFactors:
+    """TT-SVD of one kernel, then ``refine`` alternating sweeps (HOOI) that can only lower the error.
+
+    Step 1: SVD of the Cin × (kh·kw·Cout) unfolding → ``first`` = top-r1 left singular vectors (transposed).
+    Step 2: SVD of the (r1·kh·kw) × Cout unfolding of the remainder → ``last`` = top-r2 right singular vectors.
+    The TT-SVD result already has the optimal core for its frames (it is ``W ×_in FᵀF ×_out LLᵀ``), so each sweep
+    (best frame given the other) never increases ‖W − W_tt‖.  Computed in float64.
+    """
+    if (rank is None) == (energy is None):
+        raise UserError("give exactly one of --rank and --energy")
+    w = weight.detach().double()
+    cout, cin, kh, kw = w.shape
+    u1, s1, _ = torch.linalg.svd(K.unfold_input(w), full_matrices=False)
+    r1 = min(rank, cin) if rank is not None else _rank_for_energy(s1, energy)  # type: ignore[arg-type]
+    first = u1[:, :r1].T.contiguous()
+    remainder = K.apply_input_frame(w, first)  # (Cout, r1, kh, kw)
+    u2, s2, _ = torch.linalg.svd(K.unfold_output(remainder), full_matrices=False)  # = SVD of its transpose
+    r2 = min(rank, cout) if rank is not None else _rank_for_energy(s2, energy)  # type: ignore[arg-type]
+    last = u2[:, :r2].contiguous()
+    for _ in range(refine):
+        first = _leading_left(K.unfold_input(K.apply_output_frame(w, last.T)), r1).T.contiguous()
+        last = _leading_left(K.unfold_output(K.apply_input_frame(w, first)), r2).contiguous()
+    core = K.apply_output_frame(K.apply_input_frame(w, first), last.T)
+    return TTFactors(first, core, last)
+
+
+def tt_params(cin: int, cout: int, kh: int, kw: int, ranks: tuple[int, int], bias: bool) -> int:
+    r1, r2 = ranks
+    return r1 * cin + r2 * r1 * kh * kw + cout * r2 + (cout if bias else 0)
+
+
+# --- whole networks -----------------------------------------------------------------------------------------------
+
+def conv_layers(net: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every ``nn.Conv2d`` and ``TTConv2d`` by module path (children of a TT layer are not listed separately)."""
+    skip_prefixes: list[str] = []
+    for name, module in net.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        if isinstance(module, TTConv2d):
+            skip_prefixes.append(name + ".")
+            yield name, module
+        elif isinstance(module, nn.Conv2d):
+            yield name, module
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: list[int]
+    ranks: list[int] | None
+    rel_error: float
+    params_before: int
+    params_after: int
+    reason: str | None = None
+
+    def to_json(self) -> dict:
+        out = {k: getattr(self, k) for k in ("name", "shape", "ranks", "rel_error", "params_before", "params_after")}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+@dataclass
+class DecomposeReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def compression(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    def to_json(self) -> dict:
+        return {
+            "layers": [layer.to_json() for layer in self.layers],
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "compression": self.compression,
+        }
+
+
+def tt_from_conv(conv: nn.Conv2d, factors: TTFactors) -> TTConv2d:
+    layer = TTConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, factors.ranks, stride=conv.stride,
+        padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        layer.set_factors(*(t.to(conv.weight.dtype) for t in (factors.first, factors.core, factors.last)))
+        if conv.bias is not None:
+            layer.last.bias.copy_(conv.bias)
+    layer.train(conv.training)
+    return layer
+
+
+def decompose(
+    net: nn.Module,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    skip: Iterable[str] = (),
+    refine: int = 2,
+) -> DecomposeReport:
+    """Replace, in place, every groups=1 ``nn.Conv2d`` of ``net`` that TT would shrink by a :class:`TTConv2d`.
+
+    ``rank`` caps r1 ≤ min(rank, Cin), r2 ≤ min(rank, Cout); ``energy`` keeps that fraction of the squared singular
+    values of each unfolding.  ``skip`` holds glob patterns of module names to leave dense.
+    """
+    if rank is not None and rank <= 0:
+        raise UserError(f"--rank must be a positive integer, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise UserError(f"--energy must be in (0, 1], got {energy}")
+    patterns = list(skip)
+    report = DecomposeReport()
+    report.params_before = sum(p.numel() for p in net.parameters())
+    for name, conv in list(conv_layers(net)):
+        cout, cin, kh, kw = (conv.out_channels, conv.in_channels, *conv.kernel_size)
+        params = sum(p.numel() for p in conv.parameters())
+        entry = LayerReport(name, [cout, cin, kh, kw], None, 0.0, params, params)
+        report.layers.append(entry)
+        if isinstance(conv, TTConv2d):
+            entry.ranks, entry.reason = list(conv.ranks), "already TT"
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            entry.reason = "skipped by --skip"
+            continue
+        if conv.groups != 1:
+            entry.reason = f"grouped conv (groups={conv.groups})"
+            continue
+        factors = tt_svd(conv.weight, rank=rank, energy=energy, refine=refine)
+        after = tt_params(cin, cout, kh, kw, factors.ranks, conv.bias is not None)
+        if after >= params:
+            entry.reason = f"ranks {list(factors.ranks)} would not shrink it"
+            continue
+        w = conv.weight.detach().double()
+        entry.ranks = list(factors.ranks)
+        entry.rel_error = float(torch.linalg.norm(factors.dense() - w) / torch.linalg.norm(w).clamp_min(1e-300))
+        entry.params_after = after
+        _set_module(net, name, tt_from_conv(conv, factors))
+    report.params_after = sum(p.numel() for p in net.parameters())
+    return report
+
+
+def tt_ranks(net: nn.Module) -> dict[str, list[int]]:
+    return {name: list(m.ranks) for name, m in conv_layers(net) if isinstance(m, TTConv2d)}
+
+
+def apply_tt_structure(net: nn.Module, ranks: dict[str, list[int]]) -> None:
+    """Turn the named convs into (uninitialised) TT layers of the given ranks, to load a saved TT state dict."""
+    for name, (r1, r2) in ranks.items():
+        try:
+            conv = net.get_submodule(name)
+        except AttributeError as exc:
+            raise UserError(f"metadata names TT layer {name!r}, which the architecture does not have") from exc
+        if not isinstance(conv, nn.Conv2d):
+            raise UserError(f"metadata names TT layer {name!r}, which is not a Conv2d in the architecture")
+        layer = TTConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, (r1, r2), stride=conv.stride,
+                         padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+                         padding_mode=conv.padding_mode)
+        _set_module(net, name, layer)
