@@ -14,7 +14,7 @@ from ttcompress.errors import UserError
 @app.command()
 @handles_errors
 def decompose(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint to decompose (.pt/.pth/.th or .safetensors)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint to decompose (.pt/.pth/.th or .safetensors)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output .safetensors file."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Maximum TT rank: r1 ≤ min(R, Cin), r2 ≤ min(R, Cout)."),
     energy: Optional[float] = typer.Option(None, "--energy", help="Keep this fraction of squared singular values "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional, Tuple
 
 import typer
 
@@ -14,10 +14,11 @@ from ttcompress.errors import UserError
 @app.command()
 @handles_errors
 def spectrum(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors from ttcompress, or any with --arch)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint (.safetensors from ttcompress, or any with --arch)."),
     arch: Optional[str] = ArchOpt,
-    input_size: Optional[List[int]] = typer.Option(None, "--input-size", help="Input H W (default from metadata "
-                                                   "or the architecture, e.g. 32 32).", show_default=False),
+    input_size: Optional[Tuple[int, int]] = typer.Option(None, "--input-size", help="Input H W (default from "
+                                                         "metadata or the architecture, e.g. 32 32).",
+                                                         show_default=False),
     values: Optional[Path] = typer.Option(None, "--values", help="Write every layer's singular values to this .npz."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the per-layer spectra."),
     precision: str = typer.Option("float32", "--precision", help="float32 (complex64 SVDs, ~1e-6·σmax) or float64."),
@@ -37,9 +38,7 @@ def spectrum(
 
     if precision not in ("float32", "float64"):
         raise UserError(f"--precision must be float32 or float64, got {precision!r}")
-    if input_size and len(input_size) == 1:
-        raise UserError("--input-size takes two integers: --input-size H W")
-    loaded = load_model(checkpoint, arch, mean, std, trust_pickle, input_size)
+    loaded = load_model(checkpoint, arch, mean, std, trust_pickle, list(input_size) if input_size else None)
     for path in (values, plot):
         if path is not None:
             from ttcompress.checkpoint import check_output_path
