@@ -245,7 +245,15 @@ def write_report(result: dict, out_dir: str | os.PathLike, reliability_data: dic
     if reliability_data is not None:
         written.append(plot_reliability(reliability_data, out / "reliability.png", ece_value=result.get("ece")))
     if "cifar_c" in result:
-        written.append(plot_cifar_c(result["cifar_c"], out / "cifar_c.png", clean_accuracy=result.get("accuracy")))
+        try:
+            extra_names = tuple(_corruptions_module().EXTRA)
+        except ImportError:
+            extra_names = ()
+        written.append(
+            plot_cifar_c(
+                result["cifar_c"], out / "cifar_c.png", clean_accuracy=result.get("accuracy"), extra_names=extra_names
+            )
+        )
     return written
 
 
@@ -272,8 +280,12 @@ def plot_reliability(rel: dict, path: str | os.PathLike, ece_value: float | None
     )
     ax.bar(lower[filled], acc[filled], width=width[filled], align="edge", color="tab:blue", edgecolor="black",
            linewidth=0.6, label="accuracy")
-    ax.bar(lower[filled], conf[filled] - acc[filled], bottom=acc[filled], width=width[filled], align="edge",
-           color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//", linewidth=0.6, label="gap to confidence")
+    gap_lo = np.minimum(acc, conf)[filled]
+    ax.bar(lower[filled], np.abs(conf - acc)[filled], bottom=gap_lo, width=width[filled], align="edge",
+           facecolor=(1, 0, 0, 0.15), edgecolor="tab:red", hatch="//", linewidth=0.8,
+           label="gap to mean confidence")
+    ax.plot(centers[filled], conf[filled], "_", color="tab:red", markersize=12, markeredgewidth=2,
+            label="mean confidence")
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -291,8 +303,14 @@ def plot_reliability(rel: dict, path: str | os.PathLike, ece_value: float | None
     return Path(path)
 
 
-def plot_cifar_c(doc: dict, path: str | os.PathLike, clean_accuracy: float | None = None) -> Path:
-    """Grouped bars: accuracy per corruption (x axis) and severity (colour)."""
+def plot_cifar_c(
+    doc: dict,
+    path: str | os.PathLike,
+    clean_accuracy: float | None = None,
+    extra_names: Sequence[str] | None = None,
+) -> Path:
+    """Grouped bars: accuracy per corruption (x axis) and severity (colour); the extra corruptions, when they come
+    after the standard ones, are set apart by a dotted line."""
     plt = _pyplot()
     table = doc["corruptions"]
     names = list(table)
@@ -307,6 +325,11 @@ def plot_cifar_c(doc: dict, path: str | os.PathLike, clean_accuracy: float | Non
         ax.bar(xs - 0.4 + (k + 0.5) * width, vals, width=width, color=color, label=f"severity {s}")
     if clean_accuracy is not None:
         ax.axhline(100 * clean_accuracy, color="black", linestyle="--", linewidth=1, label="clean")
+    extra = set(extra_names or ())
+    first_extra = next((i for i, nm in enumerate(names) if nm in extra), None)
+    if first_extra is not None and first_extra > 0:
+        ax.axvline(first_extra - 0.5, color="gray", linestyle=":", linewidth=1)
+        ax.text(first_extra - 0.45, 97, "extra", ha="left", va="top", color="gray", fontsize="small")
     ax.set_xticks(xs)
     ax.set_xticklabels(names, rotation=45, ha="right")
     ax.set_ylabel("accuracy (%)")

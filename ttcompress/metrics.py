@@ -180,7 +180,8 @@ def ece(probs_or_logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -
     equal-width, right-closed confidence bins.
 
     Matches torchmetrics' ``MulticlassCalibrationError(n_bins=15, norm="l1")`` except for confidences lying exactly
-    on a bin boundary (torchmetrics bins are left-closed and put confidence 1.0 in a bin of its own).
+    on a bin boundary (torchmetrics bins are left-closed and put confidence 1.0 in a bin of its own).  Rows that are
+    non-negative, at most 1 and sum to 1 are taken as probabilities; anything else as logits (softmax applied).
     """
     r = reliability(probs_or_logits, labels, n_bins)
     return float(np.sum(np.abs(r["accuracy"] - r["confidence"]) * r["share"]))
@@ -345,6 +346,11 @@ def autoattack(
                 f"AutoAttack's DLR attacks need at least 4 classes, the model has {n_classes}; "
                 "use version 'custom' with attacks apgd-ce, fab, square"
             )
+        if norm == "L2" and "square" in to_run and min(x.shape[2], x.shape[3]) < 5:
+            raise UserError(
+                f"AutoAttack's L2 Square attack needs images of at least 5x5 pixels, got "
+                f"{x.shape[2]}x{x.shape[3]}; use norm Linf or version 'custom' without square"
+            )
         for attr in ("apgd_targeted", "fab"):
             sub = getattr(aa, attr, None)
             if sub is not None and getattr(sub, "n_target_classes", 0) > n_classes - 1:
@@ -408,7 +414,7 @@ def empirical_lipschitz(
     prog = _progress.ensure(progress)
     with _eval_mode(model, freeze=True), prog.task("Lipschitz", total=n) as advance:
         for start in range(0, n, batch_size):
-            x = x_all[start : start + batch_size].to(device).requires_grad_(True)
+            x = x_all[start : start + batch_size].to(device).detach().clone().requires_grad_(True)
             with torch.enable_grad():
                 logits = model(x)
                 y = (

@@ -1,0 +1,238 @@
+"""Tests of ttcompress.evaluate: the result document, CIFAR-C (official and generated), report files."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from ttcompress.data import ImageSet
+from ttcompress.errors import DataError, UserError
+from ttcompress.evaluate import METRICS, evaluate
+from ttcompress.metrics import accuracy, ece, predict
+
+
+class TinyCNN(torch.nn.Module):
+    def __init__(self, c=3, k=10):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, k)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+N, H, W = 20, 8, 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest and keeps timings stable on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture
+def data(model):
+    """Images whose labels agree with the model's prediction on exactly the even indices: clean accuracy 1/2."""
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, size=(N, 3, H, W), dtype=np.uint8))
+    with torch.no_grad():
+        pred = model(x.float() / 255).argmax(1)
+    y = pred.clone()
+    y[1::2] = (y[1::2] + 1) % 10
+    return ImageSet(x, y, 10, [f"c{i}" for i in range(10)], "synthetic")
+
+
+@pytest.fixture
+def fake_corruptions(monkeypatch):
+    """A stand-in for ttcompress.corruptions with known effects, recording its calls."""
+    mod = types.ModuleType("ttcompress.corruptions")
+    mod.STANDARD = ("gaussian_noise", "fog")
+    mod.EXTRA = ("saturate",)
+    mod.ALL = mod.STANDARD + mod.EXTRA
+    mod.calls = []
+
+    def corrupt(images, name, severity, seed=0):
+        assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3
+        mod.calls.append((name, severity, seed, images.copy()))
+        out = images.copy()
+        if name == "fog":
+            out[:severity] = 0  # black out the first `severity` images
+        elif name == "saturate":
+            out = 255 - out
+        return out
+
+    mod.corrupt = corrupt
+    monkeypatch.setitem(sys.modules, "ttcompress.corruptions", mod)
+    return mod
+
+
+def _nchw(a):
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+
+
+def _acc(model, images_nhwc, labels):
+    return accuracy(predict(model, _nchw(images_nhwc)), torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_metric_names(model, data):
+    assert METRICS == ("accuracy", "ece", "cifar-c", "autoattack", "lipschitz")
+    with pytest.raises(UserError, match="accuracy, ece, cifar-c, autoattack, lipschitz"):
+        evaluate(model, data, metrics=("accuracy", "top5"))
+
+
+def test_accuracy_and_ece_document(model, data):
+    out = evaluate(model, data, metrics=("accuracy", "ece"), batch_size=7)
+    assert set(out) == {"n", "accuracy", "ece"}
+    assert out["n"] == N and out["accuracy"] == 0.5
+    logits = predict(model, data)
+    assert out["ece"] == pytest.approx(ece(logits, data.labels))
+    sub = evaluate(model, data, metrics=["accuracy"], n=6)
+    assert set(sub) == {"n", "accuracy"} and sub["n"] == 6 and sub["accuracy"] == 0.5
+    json.dumps(out)
+
+
+def test_incompatible_model_is_a_data_error(data):
+    with pytest.raises(DataError):
+        evaluate(TinyCNN(c=1), data)
+    with pytest.raises(DataError):
+        evaluate(TinyCNN(k=5), data)
+
+
+def _write_official(root, clean_nhwc, labels):
+    """Official layout: identity (gaussian_noise), severity-dependent blackouts (fog), inversion (saturate),
+    and a corruption unknown to the module (mystery)."""
+    root.mkdir()
+    m = len(clean_nhwc)
+    np.save(root / "labels.npy", np.tile(labels, 5))
+    np.save(root / "gaussian_noise.npy", np.tile(clean_nhwc, (5, 1, 1, 1)))
+    fog = np.tile(clean_nhwc, (5, 1, 1, 1))
+    for s in range(1, 6):
+        fog[(s - 1) * m : (s - 1) * m + 2 * s] = 0  # severity s: first 2s images black
+    np.save(root / "fog.npy", fog)
+    np.save(root / "saturate.npy", np.tile(255 - clean_nhwc, (5, 1, 1, 1)))
+    np.save(root / "mystery.npy", np.tile(clean_nhwc[::-1].copy(), (5, 1, 1, 1)))
+    return fog
+
+
+def test_cifar_c_official_identity_and_means(tmp_path, model, data, fake_corruptions):
+    clean = data.images.permute(0, 2, 3, 1).numpy()
+    labels = data.labels.numpy()
+    fog = _write_official(tmp_path / "c", clean, labels)
+    out = evaluate(model, data, metrics=("accuracy", "cifar-c"), cifar_c_dir=tmp_path / "c")
+    cc = out["cifar_c"]
+    assert cc["source"] == "official"
+    assert set(cc["corruptions"]) == {"gaussian_noise", "fog", "saturate", "mystery"}
+    # identity corruption: exactly the clean accuracy at every severity
+    assert cc["corruptions"]["gaussian_noise"] == {str(s): out["accuracy"] for s in range(1, 6)}
+    for s in range(1, 6):
+        block = fog[(s - 1) * N : s * N]
+        assert cc["corruptions"]["fog"][str(s)] == _acc(model, block, labels)
+    sat = _acc(model, 255 - clean, labels)
+    assert cc["corruptions"]["saturate"] == {str(s): sat for s in range(1, 6)}
+    std = list(cc["corruptions"]["gaussian_noise"].values()) + list(cc["corruptions"]["fog"].values())
+    assert cc["mean"] == pytest.approx(np.mean(std))
+    assert cc["mean_extra"] == pytest.approx(sat)
+    assert fake_corruptions.calls == []  # the official files were used, nothing generated
+
+    # first n images of each severity block, chosen severities and names
+    part = evaluate(
+        model, data, metrics=("cifar-c",), n=8, severities=(2, 5), corruptions=["fog"], cifar_c_dir=tmp_path / "c"
+    )
+    pc = part["cifar_c"]
+    assert list(pc["corruptions"]) == ["fog"] and set(pc["corruptions"]["fog"]) == {"2", "5"}
+    for s in (2, 5):
+        block = fog[(s - 1) * N : (s - 1) * N + 8]
+        assert pc["corruptions"]["fog"][str(s)] == _acc(model, block, labels[:8])
+    assert pc["mean_extra"] is None and pc["mean"] == pytest.approx(np.mean(list(pc["corruptions"]["fog"].values())))
+
+
+def test_cifar_c_official_shape_mismatch(tmp_path, model, data, fake_corruptions):
+    root = tmp_path / "c"
+    root.mkdir()
+    np.save(root / "labels.npy", np.zeros(10, np.int64))
+    np.save(root / "fog.npy", np.zeros((10, 16, 16, 3), np.uint8))
+    with pytest.raises(DataError, match="16"):
+        evaluate(model, data, metrics=("cifar-c",), cifar_c_dir=root)
+
+
+def test_cifar_c_generated(model, data, fake_corruptions):
+    out = evaluate(model, data, metrics=("cifar-c",), n=12, seed=7, corruptions=["fog", "saturate"])
+    cc = out["cifar_c"]
+    assert cc["source"] == "generated" and out["n"] == 12
+    clean = data.images[:12].permute(0, 2, 3, 1).numpy()
+    labels = data.labels[:12].numpy()
+    # the first n evaluation images, NHWC uint8, every severity, the given seed
+    assert [(c[0], c[1], c[2]) for c in fake_corruptions.calls] == [
+        (name, s, 7) for name in ("fog", "saturate") for s in range(1, 6)
+    ]
+    assert all(np.array_equal(c[3], clean) for c in fake_corruptions.calls)
+    for s in range(1, 6):
+        fogged = clean.copy()
+        fogged[:s] = 0
+        assert cc["corruptions"]["fog"][str(s)] == _acc(model, fogged, labels)
+    sat = _acc(model, 255 - clean, labels)
+    assert cc["corruptions"]["saturate"] == {str(s): sat for s in range(1, 6)}
+    assert cc["mean"] == pytest.approx(np.mean(list(cc["corruptions"]["fog"].values())))
+    assert cc["mean_extra"] == pytest.approx(sat)
+
+    everything = evaluate(model, data, metrics=("cifar-c",), n=4, severities=(3,))["cifar_c"]
+    assert list(everything["corruptions"]) == ["gaussian_noise", "fog", "saturate"]  # default: corruptions.ALL
+    only_extra = evaluate(model, data, metrics=("cifar-c",), n=4, corruptions=["saturate"])["cifar_c"]
+    assert only_extra["mean"] is None and only_extra["mean_extra"] is not None
+    with pytest.raises(UserError, match="unknown corruption"):
+        evaluate(model, data, metrics=("cifar-c",), corruptions=["rain"])
+
+
+def test_cifar_c_generated_with_real_module(model):
+    try:
+        import ttcompress.corruptions as corr
+    except ImportError:
+        pytest.skip("ttcompress.corruptions not available yet")
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, size=(4, 3, 32, 32), dtype=np.uint8))
+    s = ImageSet(x, torch.tensor([0, 1, 2, 3]), 10, None, "t")
+    names = list(corr.STANDARD[:2])
+    out = evaluate(model, s, metrics=("cifar-c",), corruptions=names, severities=(1, 5))["cifar_c"]
+    assert list(out["corruptions"]) == names
+    assert all(set(row) == {"1", "5"} for row in out["corruptions"].values())
+    assert 0.0 <= out["mean"] <= 1.0 and out["mean_extra"] is None
+
+
+def test_autoattack_and_lipschitz_sections(model, data):
+    out = evaluate(model, data, metrics=("autoattack", "lipschitz"), n=4, eps=0.0, radius=0.25)
+    assert set(out) == {"n", "autoattack", "lipschitz"}
+    aa = out["autoattack"]
+    assert set(aa) == {"norm", "eps", "n", "version", "clean_accuracy", "robust_accuracy", "package"}
+    assert aa["n"] == 4 and aa["clean_accuracy"] == 0.5 == aa["robust_accuracy"]
+    lip = out["lipschitz"]
+    assert set(lip) == {"max", "mean", "radius"} and lip["radius"] == 0.25 and lip["max"] >= lip["mean"] > 0
+    json.dumps(out)
+
+
+def test_report_files(tmp_path, model, data, fake_corruptions):
+    out_dir = tmp_path / "report"
+    out = evaluate(
+        model, data, metrics=("accuracy", "ece", "cifar-c"), n=10, severities=(1, 3, 5), out_dir=out_dir
+    )
+    assert json.loads((out_dir / "eval.json").read_text()) == out
+    for name in ("reliability.png", "cifar_c.png"):
+        blob = (out_dir / name).read_bytes()
+        assert blob[:8] == b"\x89PNG\r\n\x1a\n" and len(blob) > 5000
+    plain = tmp_path / "plain"
+    evaluate(model, data, metrics=("accuracy",), out_dir=plain)
+    assert sorted(p.name for p in plain.iterdir()) == ["eval.json"]
