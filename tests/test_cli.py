@@ -119,3 +119,66 @@ def test_real_resnet20_end_to_end(tmp_path, resnet20_path):
     assert res.exit_code == 0, res.output
     layers = json.loads(res.stdout)["layers"]
     assert len(layers) == 19 and all(l["kind"] == "tt" for l in layers)
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, train_x=rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), train_y=rng.integers(0, 10, 32),
+             test_x=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), test_y=rng.integers(0, 10, 16))
+    return path
+
+
+def test_eval_json_contract(tmp_path, r20, tiny_npz):
+    import ttcompress.cli.evaluate  # noqa: F401
+
+    out_dir = tmp_path / "ev"
+    res = run("eval", r20, "--arch", "resnet20", "--data", tiny_npz, "--metrics", "accuracy,ece,cifar-c,autoattack",
+              "--n", "8", "--severities", "1,5", "--corruptions", "gaussian_noise,saturate", "--eps", "1/255",
+              "--device", "cpu", "--json", "--out", out_dir)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["n"] == 8 and 0 <= doc["accuracy"] <= 1 and 0 <= doc["ece"] <= 1
+    c = doc["cifar_c"]
+    assert c["source"] == "generated" and set(c["corruptions"]) == {"gaussian_noise", "saturate"}
+    assert set(c["corruptions"]["saturate"]) == {"1", "5"}
+    assert c["mean"] == pytest.approx(np.mean(list(c["corruptions"]["gaussian_noise"].values())))
+    assert c["mean_extra"] == pytest.approx(np.mean(list(c["corruptions"]["saturate"].values())))
+    a = doc["autoattack"]
+    assert {"norm", "eps", "n", "version", "clean_accuracy", "robust_accuracy", "package"} <= set(a)
+    assert a["eps"] == pytest.approx(1 / 255) and a["robust_accuracy"] <= a["clean_accuracy"]
+    assert "lipschitz" not in doc
+    assert (out_dir / "eval.json").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--metrics", "accuracy,bogus"], "bogus"),
+        (["--eps", "eight"], "--eps"),
+        (["--norm", "L3"], "--norm"),
+        (["--corruptions", "lava"], "lava"),
+        (["--severities", "0,9"], "severit"),
+        (["--device", "cuda"], "CUDA"),
+    ],
+)
+def test_eval_user_errors(tmp_path, r20, tiny_npz, extra, needle):
+    import ttcompress.cli.evaluate  # noqa: F401
+
+    res = run("eval", r20, "--arch", "resnet20", "--data", tiny_npz, "--n", "4", *extra)
+    if needle == "CUDA" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and "Traceback" not in res.output
+
+
+def test_eval_data_errors(tmp_path, r20):
+    import ttcompress.cli.evaluate  # noqa: F401
+
+    gray = tmp_path / "gray.npz"
+    np.savez(gray, x=np.zeros((4, 32, 32, 1), np.uint8), y=np.zeros(4, np.int64))
+    res = run("eval", r20, "--arch", "resnet20", "--data", gray)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    res = run("eval", r20, "--arch", "resnet20", "--data", tmp_path / "missing.npz")
+    assert res.exit_code == 2 and "missing.npz" in res.output

@@ -48,6 +48,8 @@ class Normalized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mean is not None:
+            if x.shape[1] != self.mean.shape[1]:  # broadcasting would silently turn 1 channel into 3
+                raise RuntimeError(f"expected {self.mean.shape[1]} input channels, got {x.shape[1]}")
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return self.net(x)
 
@@ -98,6 +100,32 @@ register(
     ArchInfo("vgg19", lambda num_classes=10: VGG(num_classes=num_classes), CIFAR10_MEAN, CIFAR10_STD,
              description="VGG-19 with batch norm, CIFAR variant (paper)")
 )
+
+# LipConvNet-n (SOC) and LipConvNet-n-tt{rank} (SOC-TT), normalised as in the reference training code.
+from ttcompress.archs import lipconvnet as _lipconvnet  # noqa: E402
+
+for _depth in _lipconvnet.DEPTHS:
+    register(
+        ArchInfo(
+            f"lipconvnet-{_depth}",
+            lambda num_classes=10, d=_depth: _lipconvnet.LipConvNet(d, num_classes),
+            _lipconvnet.LIPCONVNET_MEAN,
+            _lipconvnet.LIPCONVNET_STD,
+            description=f"LipConvNet-{_depth} with skew orthogonal convolutions (Singla & Feizi 2021)",
+        )
+    )
+    for _rank in _lipconvnet.TT_RANKS:
+        register(
+            ArchInfo(
+                f"lipconvnet-{_depth}-tt{_rank}",
+                lambda num_classes=10, d=_depth, r=_rank: _lipconvnet.LipConvNet(
+                    d, num_classes, conv_type="soc-tt", rank=r
+                ),
+                _lipconvnet.LIPCONVNET_MEAN,
+                _lipconvnet.LIPCONVNET_STD,
+                description=f"LipConvNet-{_depth} with SOC-TT layers of rank {_rank} (Senderovich et al. 2022)",
+            )
+        )
 
 
 def _torchvision_info(spec: str, name: str) -> ArchInfo:
