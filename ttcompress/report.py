@@ -51,7 +51,7 @@ def plot_spectra(layers: Sequence[LayerSpectrum], path: str | Path, title: str =
     cmap = plt.get_cmap("viridis")
     for i, layer in enumerate(layers):
         v = layer.values.numpy()
-        v = v[v > 0]
+        v = v[v > 1e-6 * v[0]]  # exact zeros (rank-deficient layers) come out at rounding level: leave them out
         if v.size:
             ax_sp.semilogy(np.linspace(0, 1, v.size), v, color=cmap(i / max(len(layers) - 1, 1)), lw=1)
     ax_sp.set_xlabel("singular value index (fraction of the layer's count)")
