@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from reference import dense_singular_values, periodic_conv, periodic_matrix
-from ttcompress.kernel import Geometry
+
+from ttcompress.kernel import Geometry, polyphase_layout, to_polyphase
+from ttcompress.spectral import periodic
 from ttcompress.spectral.periodic import clip, singular_values
 
 CASES = [
@@ -110,3 +111,194 @@ def test_periodic_reference_is_pytorch_conv_with_circular_padding():
     conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="circular", bias=False).double()
     conv.weight.data.copy_(w)
     torch.testing.assert_close(periodic_conv(x, w, (2, 2), (1, 1), (1, 1)), conv(x))
+
+
+# --- the fast paths: distinct frequencies, Gram matrices, precision ladder, chunks, threads ----------------------
+
+
+def fft_singular_values(w: torch.Tensor, n: int, stride: int = 1) -> torch.Tensor:
+    """Independent float64 reference for sizes too large for the dense operator: App. B.1 of the paper
+    (full-grid FFT of the zero-padded polyphase kernel, complex128 SVD per frequency)."""
+    cout, cin, kh, kw = w.shape
+    pad = w.new_zeros(cout, cin, n, n, dtype=torch.float64)
+    pad[:, :, :kh, :kw] = w
+    m = n // stride
+    poly = pad.reshape(cout, cin, m, stride, m, stride).permute(0, 1, 3, 5, 2, 4).reshape(cout, -1, m, m)
+    sv = torch.linalg.svdvals(torch.fft.fft2(poly).permute(2, 3, 0, 1)).flatten()
+    return torch.sort(sv, descending=True).values
+
+
+def ill_conditioned(kind: str, cout: int, cin: int, k: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    if kind == "rank-deficient":  # P̂(f) of rank ≤ r at every frequency: many exact zeros
+        r = min(cout, cin) // 2
+        return torch.einsum("or,rcij->ocij", torch.randn(cout, r, generator=g, dtype=torch.float64),
+                            torch.randn(r, cin, k, k, generator=g, dtype=torch.float64))
+    if kind == "graded":  # channel components with scales 1 … 1e-7
+        r = min(cout, cin)
+        u, _ = torch.linalg.qr(torch.randn(cout, r, generator=g, dtype=torch.float64))
+        v = torch.randn(r, cin, k, k, generator=g, dtype=torch.float64)
+        return torch.einsum("or,r,rcij->ocij", u, torch.logspace(0, -7, r, dtype=torch.float64), v)
+    if kind == "cluster-and-zeros":  # centre tap an orthogonal projection: σ ∈ {1, 0} at every frequency
+        q, _ = torch.linalg.qr(torch.randn(cout, cout // 2, generator=g, dtype=torch.float64))
+        w = torch.zeros(cout, cout, k, k, dtype=torch.float64)
+        w[:, :, k // 2, k // 2] = q @ q.T
+        return w
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (5, 7), (6, 5), (1, 4), (2, 2), (1, 1), (3, 1)])
+def test_half_grid_holds_each_conjugate_pair_once(grid):
+    m1, m2 = grid
+    half = periodic.HalfGrid.of(grid)
+    seen = set()
+    for (f1, f2), w in zip(half.freqs.tolist(), half.weight.tolist()):
+        pair = frozenset({(f1, f2), ((-f1) % m1, (-f2) % m2)})
+        assert pair not in seen
+        seen.add(pair)
+        assert w == len(pair)
+    everything = {frozenset({(a, b), ((-a) % m1, (-b) % m2)}) for a in range(m1) for b in range(m2)}
+    assert seen == everything
+    assert int(half.weight.sum()) == m1 * m2
+
+
+GEOMETRIES = [  # (k, n, stride, dilation)
+    (3, 16, (1, 1), (1, 1)), (3, 16, (2, 2), (1, 1)), (1, 8, (2, 2), (1, 1)), (1, 8, (1, 1), (1, 1)),
+    (2, 8, (1, 1), (1, 1)), (3, 6, (1, 1), (2, 2)), (5, 4, (1, 1), (1, 1)), (3, 8, (2, 1), (1, 1)), (3, 2, (1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("k,n,stride,dilation", GEOMETRIES)
+@pytest.mark.parametrize("interpolate", [False, True])
+def test_gram_terms_are_the_gram_matrices(k, n, stride, dilation, interpolate):
+    layout = polyphase_layout((k, k), (n, n), Geometry(stride, dilation))
+    taps = to_polyphase(torch.randn(5, 3, k, k, dtype=torch.float64), layout)
+    side, _ = periodic._side(taps)
+    freqs = periodic.HalfGrid.of(layout.grid).freqs
+    terms = periodic.GramTerms.of(side, layout.positions, layout.grid, interpolate=interpolate)
+    q = periodic._GramSource(side, layout, len(freqs), 1).transfer(freqs)
+    ref = q @ q.mH
+    torch.testing.assert_close(terms.chunk(freqs), ref, atol=1e-13 * float(ref.abs().max()), rtol=0)
+    torch.testing.assert_close(terms.chunk(freqs, torch.complex64), ref.to(torch.complex64), atol=1e-6 * float(ref.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("k,n,stride,dilation", GEOMETRIES)
+def test_frequency_classes_share_their_gram_matrix(k, n, stride, dilation):
+    layout = polyphase_layout((k, k), (n, n), Geometry(stride, dilation))
+    taps = to_polyphase(torch.randn(4, 3, k, k, dtype=torch.float64), layout)
+    side, _ = periodic._side(taps)
+    freqs = periodic.HalfGrid.of(layout.grid).freqs
+    reps, inverse = periodic.frequency_classes(freqs, layout.positions, layout.grid)
+    q = periodic._GramSource(side, layout, len(freqs), 1).transfer(freqs)
+    gram = q @ q.mH
+    torch.testing.assert_close(gram, gram[reps][inverse], atol=1e-12 * float(gram.abs().max()), rtol=0)
+    assert torch.equal(reps[inverse[reps]], reps)
+    if len(layout.positions) == 1:
+        assert len(reps) == 1  # a 1×1 conv: one eigenproblem for the whole layer
+
+
+@pytest.mark.parametrize("kind", ["rank-deficient", "graded", "cluster-and-zeros"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_ill_conditioned_kernels_against_dense_operator(kind, stride):
+    """Tiny and zero singular values are where a Gram matrix loses accuracy (σ² squares the condition number)."""
+    w = ill_conditioned(kind, 8, 8 if kind == "cluster-and-zeros" else 6)
+    n = 6
+    ref = dense_singular_values(periodic_matrix(w, (n, n), (stride, stride)))
+    got64 = singular_values(w, (n, n), Geometry((stride, stride)), dtype=torch.float64)
+    torch.testing.assert_close(got64, ref, atol=1e-10 * ref[0], rtol=0)
+    got32 = singular_values(w.float(), (n, n), Geometry((stride, stride)), dtype=torch.float32).double()
+    assert (got32 - ref).abs().max() <= 1e-4 * ref[0]
+
+
+@pytest.mark.parametrize("kind", ["rank-deficient", "graded", "cluster-and-zeros", "random"])
+def test_float32_contract_at_realistic_width(kind):
+    """64 channels on a 16×16 grid (too large for the dense operator: the paper's float64 FFT algorithm is the
+    reference).  complex64 Gram eigenvalues would miss small σ here by up to ~1e-3·σmax."""
+    w = torch.randn(64, 64, 3, 3, dtype=torch.float64) if kind == "random" else ill_conditioned(kind, 64, 64)
+    ref = fft_singular_values(w.float().double(), 16)
+    got = singular_values(w.float(), (16, 16), dtype=torch.float32).double()
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= 1e-4 * ref[0]
+    got64 = singular_values(w, (16, 16), dtype=torch.float64)
+    torch.testing.assert_close(got64, fft_singular_values(w, 16), atol=1e-10 * ref[0], rtol=0)
+
+
+def test_precision_ladder_keeps_complex64_only_where_it_is_safe():
+    wide = torch.randn(8, 16, 3, 3, dtype=torch.float64)  # stride 2: 8 × 64, σmin far from 0
+    square = ill_conditioned("cluster-and-zeros", 16, 16)  # σ = 0 at every frequency
+    for w, stride, expect in [(wide, 2, 0), (square, 1, 1)]:
+        layout, taps = periodic._layout_and_taps(w.float(), (8, 8), Geometry((stride, stride)), torch.float32)
+        side, _ = periodic._side(taps)
+        freqs = periodic.HalfGrid.of(layout.grid).freqs
+        spectrum = periodic._Spectrum(periodic._GramSource(side, layout, len(freqs), 1), freqs, torch.float32, None, 1)
+        spectrum.compute()
+        assert (spectrum.level == expect).all()
+
+
+def test_untrusted_flags_small_values_only():
+    # σ ≈ 0 next to σ = 1; σ ≥ 0.5; a quiet frequency (λmax(f) = 1e-4), whose errors are small in absolute terms;
+    # σ ≈ 0 next to λmax(f) = 1e-2
+    lam = torch.tensor([[0.0, 0.5, 1.0], [0.3, 0.5, 1.0], [0.0, 1e-6, 1e-4], [0.0, 1e-6, 1e-2]], dtype=torch.float64)
+    flags = periodic._untrusted(lam, torch.complex64, 5e-5, 1.0)
+    assert flags.tolist() == [True, False, False, True]
+    assert not periodic._untrusted(lam, torch.complex128, 5e-5, 1.0).any()
+
+
+def test_chunks_and_threads_do_not_change_values(monkeypatch):
+    w = torch.randn(12, 10, 3, 3)
+    for dtype in (torch.float32, torch.float64):
+        ref = singular_values(w, (8, 8), Geometry((2, 2)), dtype=dtype)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            single = singular_values(w, (8, 8), Geometry((2, 2)), dtype=dtype)
+        finally:
+            torch.set_num_threads(threads)
+        monkeypatch.setattr(periodic, "DEFAULT_CHUNK_BYTES", 1)  # one frequency per chunk
+        tiny = singular_values(w, (8, 8), Geometry((2, 2)), dtype=dtype)
+        monkeypatch.undo()
+        torch.testing.assert_close(single, ref, atol=1e-6 * float(ref[0]), rtol=0)
+        torch.testing.assert_close(tiny, ref, atol=1e-6 * float(ref[0]), rtol=0)
+        assert torch.get_num_threads() == threads
+
+
+def test_memory_is_bounded_by_the_chunk(monkeypatch):
+    """No tensor of the whole (frequencies × c × c) size: every Gram chunk respects DEFAULT_CHUNK_BYTES."""
+    sizes = []
+    chunk = periodic.GramTerms.chunk
+
+    def spy(self, freqs, ctype=torch.complex128):
+        out = chunk(self, freqs, ctype)
+        sizes.append(out.numel() * out.element_size())
+        return out
+    monkeypatch.setattr(periodic.GramTerms, "chunk", spy)
+    monkeypatch.setattr(periodic, "DEFAULT_CHUNK_BYTES", 2**20)
+    w = torch.randn(48, 48, 3, 3)
+    singular_values(w, (32, 32))
+    full = len(periodic.HalfGrid.of((32, 32)).freqs) * 48 * 48 * 16
+    assert sizes and max(sizes) <= 2**20 < full
+
+
+@pytest.mark.parametrize("cout,cin,k,n,stride,dilation", CASES)
+def test_clip_float32_matches_float64(cout, cin, k, n, stride, dilation):
+    torch.manual_seed(2)
+    w = torch.randn(cout, cin, k, k, dtype=torch.float64)
+    bound = 0.6 * float(singular_values(w, (n, n), Geometry(stride, dilation), dtype=torch.float64)[0])
+    exact = clip(w, (n, n), bound, Geometry(stride, dilation), dtype=torch.float64)
+    fast = clip(w.float(), (n, n), bound, Geometry(stride, dilation), dtype=torch.float32)
+    assert fast.dtype == torch.float32
+    assert (fast.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+@pytest.mark.parametrize("factor", [0.95, 0.2])
+def test_clip_near_and_far_below_sigma_max_is_sedghi_projection(factor):
+    """0.95·σmax: most frequencies have nothing to clip and are skipped; 0.2·σmax: every frequency is clipped."""
+    torch.manual_seed(4)
+    cout, cin, k, n = 6, 4, 3, 8
+    w = torch.randn(cout, cin, k, k, dtype=torch.float64)
+    bound = factor * float(singular_values(w, (n, n), dtype=torch.float64)[0])
+    got = clip(w, (n, n), bound, dtype=torch.float64, chunk=3)
+    m = periodic_matrix(w, (n, n))
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    rows = ((u * s.clamp(max=bound)) @ vh).reshape(cout, n, n, cin, n, n)[:, 0, 0]
+    torch.testing.assert_close(got, rows[:, :, :k, :k], atol=1e-9, rtol=1e-9)

@@ -1,0 +1,127 @@
+"""Power iteration on layers as they run, against the dense zero-padded operator built from basis vectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import (
+    dense_singular_values,
+    operator_matrix,
+    periodic_conv,
+    periodic_matrix,
+)
+from torch import nn
+
+from ttcompress.spectral.power import (
+    LinearMap,
+    PowerIteration,
+    conv_operator,
+    sigma_max_power,
+)
+from ttcompress.tt import TTConv2d, orthonormal_factors
+
+CONVS = [
+    # (Cout, Cin, k, n, stride, padding, dilation)
+    (4, 3, 3, 8, 1, 1, 1),
+    (6, 4, 3, 8, 2, 1, 1),  # stride 2
+    (5, 3, 3, 7, 2, 1, 1),  # stride 2 on an odd size: output_padding 0, 1 mixes
+    (4, 4, 1, 8, 2, 0, 1),  # 1×1 strided shortcut
+    (3, 3, 3, 8, 1, 2, 2),  # dilation
+    (4, 2, 5, 6, 1, 0, 1),  # no padding
+]
+
+
+def dense_sigma(layer: nn.Module, in_shape) -> float:
+    def apply(x):
+        out = layer(x)
+        bias = getattr(layer, "bias", None)
+        return out if bias is None else out - bias.view(1, -1, 1, 1)
+
+    return float(dense_singular_values(operator_matrix(apply, in_shape))[0])
+
+
+@pytest.mark.parametrize("cout,cin,k,n,stride,padding,dilation", CONVS)
+def test_sigma_max_power_matches_dense_zero_padded_operator(cout, cin, k, n, stride, padding, dilation):
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation).double()
+    ref = dense_sigma(conv, (cin, n, n))
+    got = sigma_max_power(conv, (n, n), tol=1e-6)
+    assert abs(got - ref) <= 1e-4 * ref
+    # the zero-padded operator is not the periodic one: make sure the test could tell them apart
+    if padding:
+        periodic = float(dense_singular_values(periodic_matrix(conv.weight.detach(), (n, n), (stride,) * 2,
+                                                               (dilation,) * 2))[0])
+        assert abs(periodic - ref) > 1e-3 * ref
+
+
+@pytest.mark.parametrize("cout,cin,k,n,stride,padding,dilation", CONVS)
+def test_adjoint_is_exact(cout, cin, k, n, stride, padding, dilation):
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=False).double()
+    op = conv_operator(conv, (n, n))
+    x = torch.randn(2, cin, n, n, dtype=torch.float64)
+    y = torch.randn_like(op.forward(x))
+    back = op.adjoint(y)
+    assert back.shape == x.shape
+    torch.testing.assert_close((op.forward(x) * y).sum(), (x * back).sum(), rtol=1e-12, atol=1e-12)
+
+
+def test_tt_layer_uses_core_after_qr_and_matches_the_actual_layer():
+    torch.manual_seed(3)
+    layer = TTConv2d(5, 6, 3, (3, 4), stride=2, padding=1).double()
+    with torch.no_grad():  # frames far from orthonormal: σ(core) alone would be wrong
+        layer.first.weight.mul_(3.0)
+        layer.last.weight.mul_(0.5)
+    ref = dense_sigma(layer, (5, 8, 8))
+    assert abs(sigma_max_power(layer, (5, 8, 8)) - ref) <= 1e-4 * ref
+    raw_core = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False).double()
+    raw_core.weight.data.copy_(layer.core.weight)
+    assert abs(sigma_max_power(raw_core, (8, 8)) - ref) > 1e-2 * ref
+    _, core, _ = orthonormal_factors(layer)
+    assert conv_operator(layer, (8, 8)).input_shape == (3, 8, 8) and torch.equal(conv_operator(layer, (8, 8)).kernel, core)
+
+
+def test_circular_padding_uses_the_autograd_adjoint():
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular", bias=False).double()
+    k = conv.weight.detach()
+    ref = dense_sigma(conv, (3, 6, 6))
+    periodic = float(dense_singular_values(operator_matrix(lambda x: periodic_conv(x, k, padding=(1, 1)), (3, 6, 6)))[0])
+    assert abs(ref - periodic) <= 1e-10 * ref
+    assert conv_operator(conv, (6, 6))._output_padding() is None
+    assert abs(sigma_max_power(conv, (6, 6)) - ref) <= 1e-4 * ref
+
+
+def test_channel_count_is_checked():
+    with pytest.raises(ValueError, match="channels"):
+        sigma_max_power(nn.Conv2d(3, 4, 3), (4, 8, 8))
+
+
+def test_linear_layer():
+    lin = nn.Linear(7, 5).double()
+    ref = float(torch.linalg.matrix_norm(lin.weight.detach(), ord=2))
+    assert abs(sigma_max_power(lin) - ref) <= 1e-6 * ref
+
+
+def test_persistent_vectors_converge_and_round_trip():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False).double()
+    op = conv_operator(conv, (8, 8))
+    ref = dense_sigma(conv, (4, 8, 8))
+    pi = PowerIteration(seed=5)
+    first = float(pi.estimate("c", op))
+    for _ in range(300):
+        last = float(pi.estimate("c", op))
+    assert first < last <= ref * (1 + 1e-12)  # σ̂ is a lower bound that improves
+    assert ref - last < 1e-3 * ref
+    other = PowerIteration()
+    other.load_state_dict(pi.state_dict())
+    assert torch.equal(other.estimate("c", op), pi.estimate("c", op))
+    # same seed, same key: same start on every rank
+    assert torch.equal(PowerIteration(seed=5).estimate("c", op), PowerIteration(seed=5).estimate("c", op))
+    assert not torch.equal(PowerIteration(seed=5).estimate("c", op), PowerIteration(seed=6).estimate("c", op))
+
+
+def test_vector_is_redrawn_when_the_shape_changes():
+    pi = PowerIteration()
+    pi.estimate("x", LinearMap(torch.randn(3, 4)))
+    assert pi.vectors["x"].shape == (1, 4)
+    pi.estimate("x", LinearMap(torch.randn(3, 6)))
+    assert pi.vectors["x"].shape == (1, 6)

@@ -1,0 +1,280 @@
+"""Power iteration on layers as they actually run (zero padding, stride, dilation), with persistent vectors.
+
+The exact periodic spectra in :mod:`ttcompress.spectral.periodic` describe the circular convolution; a layer in a
+network zero-pads.  Power iteration estimates σmax of the map the layer really computes, using only its forward
+pass and its adjoint:
+
+* forward  ``x ↦ conv2d(x, K)`` with the layer's stride, padding, dilation and groups;
+* adjoint  ``y ↦ conv_transpose2d(y, K)`` with ``output_padding`` chosen to give back the input shape (a generic
+  autograd vector-Jacobian product for padding modes and string paddings that ``conv_transpose2d`` cannot express).
+
+``K`` is the layer's *effective* kernel: its weight, or for a :class:`~ttcompress.tt.TTConv2d` its core after the
+frames are orthonormalised by QR (Theorem 3.2: the layer then has the core's nonzero singular values).
+
+:class:`PowerIteration` keeps one vector per layer between calls (Gouk et al. 2021: one iteration per training
+step suffices because the weights change slowly).  Its vectors start from a seeded generator so that every
+data-parallel rank draws the same ones.  :func:`sigma_max_power` converges (to a relative ``tol``) for a one-off
+estimate, with the Krylov space of the same products (Lanczos) instead of plain iteration, which crawls on conv
+operators because their top singular values cluster.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ttcompress.kernel import pair
+
+__all__ = [
+    "ConvOperator",
+    "LinearMap",
+    "Operator",
+    "PowerIteration",
+    "conv_operator",
+    "sigma_max_power",
+]
+
+
+class Operator(Protocol):
+    """A linear map with its adjoint, acting on tensors of shape ``input_shape`` (a leading batch dim of 1)."""
+
+    input_shape: tuple[int, ...]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ConvOperator:
+    """The linear part of a conv layer (no bias) on inputs of shape ``(1, *input_shape)``."""
+
+    kernel: torch.Tensor  # (Cout, Cin/groups, kh, kw)
+    input_shape: tuple[int, int, int]  # (Cin, H, W)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel.to(x.dtype)
+        if self.padding_mode != "zeros" and not isinstance(self.padding, str):
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            return F.conv2d(x, k, None, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, k, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def _output_padding(self) -> tuple[int, int] | None:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return None
+        out = []
+        for n, k, s, p, d in zip(self.input_shape[1:], self.kernel.shape[2:], self.stride, self.padding,
+                                 self.dilation):
+            m = (n + 2 * p - d * (k - 1) - 1) // s + 1
+            out.append(n - ((m - 1) * s - 2 * p + d * (k - 1) + 1))
+        return (out[0], out[1])
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        op = self._output_padding()
+        if op is not None:
+            return F.conv_transpose2d(y, self.kernel.to(y.dtype), None, self.stride, self.padding, op, self.groups,
+                                      self.dilation)
+        # the map is linear, so its vector-Jacobian product at any point (zero) is the adjoint
+        x = torch.zeros(y.shape[0], *self.input_shape, dtype=y.dtype, device=y.device, requires_grad=True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.forward(x), x, y)
+        return grad
+
+
+@dataclass(frozen=True)
+class LinearMap:
+    """A dense matrix ``W`` (out × in) acting on vectors of shape ``(1, in)``."""
+
+    weight: torch.Tensor
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (int(self.weight.shape[1]),)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.to(x.dtype).T
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return y @ self.weight.to(y.dtype)
+
+
+def conv_operator(layer: nn.Module, input_hw: Sequence[int], kernel: torch.Tensor | None = None) -> ConvOperator:
+    """The operator of ``layer`` (an ``nn.Conv2d`` or ``TTConv2d``) on ``input_hw`` inputs.
+
+    ``kernel`` defaults to the layer's effective kernel (for a TT layer: the core after QR of the frames, computed
+    in float64); pass one to reuse a core you already have.
+    """
+    if kernel is None:
+        from ttcompress.spectral.network import effective_kernel
+
+        kernel, _ = effective_kernel(layer)
+    h, w = (int(v) for v in input_hw[-2:])
+    groups = int(getattr(layer, "groups", 1))
+    padding = layer.padding if isinstance(layer.padding, str) else pair(layer.padding)
+    return ConvOperator(
+        kernel=kernel.detach(),
+        input_shape=(int(kernel.shape[1]) * groups, h, w),
+        stride=pair(layer.stride),
+        padding=padding,
+        dilation=pair(layer.dilation),
+        groups=groups,
+        padding_mode=getattr(layer, "padding_mode", "zeros"),
+    )
+
+
+def _seeded_unit(shape: Sequence[int], seed: int, key: str, device, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode())) & 0x7FFF_FFFF_FFFF)
+    v = torch.randn(1, *shape, generator=g, dtype=torch.float64)
+    return (v / v.norm()).to(device=device, dtype=dtype)
+
+
+class PowerIteration:
+    """Persistent power-iteration vectors, one per key (layer name), for σmax estimates that improve every call.
+
+    ``estimate(key, op)`` runs ``iters`` iterations of ``v ← AᵀA v / ‖AᵀA v‖`` from the stored vector and returns
+    ``σ̂ = ‖A v‖`` (a lower bound of σmax that converges to it).  A vector whose shape no longer fits the operator is
+    redrawn.  Vectors start from ``(seed, key)`` on the CPU generator: identical on every rank and device.
+    """
+
+    def __init__(self, seed: int = 0, iters: int = 1) -> None:
+        if iters < 1:
+            raise ValueError(f"power iterations must be at least 1, got {iters}")
+        self.seed = int(seed)
+        self.iters = int(iters)
+        self.vectors: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _reference(op: Operator) -> torch.Tensor | None:
+        for attr in ("kernel", "weight"):
+            ref = getattr(op, attr, None)
+            if isinstance(ref, torch.Tensor):
+                return ref
+        return None
+
+    def vector(self, key: str, op: Operator, device, dtype) -> torch.Tensor:
+        v = self.vectors.get(key)
+        if v is None or tuple(v.shape[1:]) != tuple(op.input_shape):
+            v = _seeded_unit(op.input_shape, self.seed, key, device, dtype)
+        return v.to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def estimate(self, key: str, op: Operator, iters: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """σ̂ of ``op`` as a 0-dim tensor on the operator's device (no host synchronisation).
+
+        Vectors live on the device and in the dtype of the operator's ``kernel``/``weight`` (CPU float32 for an
+        operator without either), or in ``dtype`` when given.
+        """
+        ref = self._reference(op)
+        device = ref.device if ref is not None else torch.device("cpu")
+        dtype = dtype or (ref.dtype if ref is not None and ref.is_floating_point() else torch.float32)
+        v = self.vector(key, op, device, dtype)
+        for _ in range(self.iters if iters is None else iters):
+            w = op.adjoint(op.forward(v))
+            norm = w.norm()
+            # a zero operator leaves the vector where it was (and σ̂ = 0)
+            v = torch.where(norm > 0, w / norm.clamp_min(torch.finfo(dtype).tiny), v)
+        self.vectors[key] = v
+        return op.forward(v).norm()
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "iters": self.iters,
+                "vectors": {k: v.detach().cpu().clone() for k, v in self.vectors.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the vectors (the seed and iteration count stay as configured)."""
+        self.vectors = {str(k): v.clone() for k, v in state.get("vectors", {}).items()}
+
+
+def _lanczos_top(gram, v: torch.Tensor, steps: int) -> tuple[float, torch.Tensor, float]:
+    """``steps`` Lanczos steps on the symmetric map ``gram`` from unit ``v`` (full reorthogonalisation).
+
+    Returns the top Ritz value θ, its Ritz vector (unit) and the residual norm ``‖gram(y) − θ y‖``.
+    """
+    basis = [v]
+    alphas: list[torch.Tensor] = []
+    betas: list[torch.Tensor] = []
+    beta = v.new_zeros(())
+    for j in range(steps):
+        w = gram(basis[j])
+        alpha = (w * basis[j]).sum()
+        alphas.append(alpha)
+        stacked = torch.stack([b.flatten() for b in basis])
+        for _ in range(2):  # classical Gram-Schmidt twice: numerically orthogonal basis
+            w = w - (stacked.T @ (stacked @ w.flatten())).reshape(w.shape)
+        beta = w.norm()
+        if j == steps - 1 or beta <= 1e-12 * alpha.abs().clamp_min(1e-300):
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    k = len(alphas)
+    t = torch.diag(torch.stack(alphas))
+    if k > 1:
+        off = torch.stack(betas[: k - 1])
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    theta, s = torch.linalg.eigh(t)
+    top = s[:, -1]
+    y = sum(c * b for c, b in zip(top, basis[:k]))
+    y = y / y.norm()
+    residual = float(beta * top[-1].abs()) if k == steps else 0.0
+    return float(theta[-1]), y, residual
+
+
+@torch.no_grad()
+def sigma_max_power(
+    layer: nn.Module | Operator,
+    input_shape: Sequence[int] | None = None,
+    iters: int = 50,
+    tol: float = 1e-4,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    krylov: int = 24,
+) -> float:
+    """σmax of a layer as it runs, to relative accuracy ``tol``: power iteration accelerated by Lanczos.
+
+    ``layer`` is an ``nn.Conv2d``/``TTConv2d`` (then ``input_shape`` is its input ``(H, W)``, or ``(C, H, W)``
+    with C checked), an ``nn.Linear``, or an :class:`Operator`.  Plain power iteration needs thousands of steps on
+    conv operators, whose top singular values cluster (σ(f) is continuous in the frequency); the Krylov space of
+    the same products ``AᵀA v`` converges in a few dozen.  Each round runs ``krylov`` Lanczos steps on ``AᵀA``
+    and restarts from the top Ritz vector; it stops when the Ritz residual certifies an eigenvalue of ``AᵀA``
+    within ``tol·θ`` of the Ritz value θ (then σ = √θ is within ``tol/2``), after at most ``iters`` rounds.
+    """
+    if isinstance(layer, nn.Linear):
+        op: Operator = LinearMap(layer.weight.detach())
+    elif isinstance(layer, nn.Module):
+        if input_shape is None:
+            raise ValueError("give the layer's input size (H, W)")
+        takes = int(getattr(layer, "in_channels", 0))
+        if len(input_shape) == 3 and takes and int(input_shape[0]) != takes:
+            raise ValueError(f"input has {input_shape[0]} channels but the layer takes {takes}")
+        op = conv_operator(layer, input_shape)
+    else:
+        op = layer
+    ref = PowerIteration._reference(op)
+    device = ref.device if ref is not None else torch.device("cpu")
+    v = _seeded_unit(op.input_shape, seed, "sigma_max_power", device, dtype)
+    size = v.numel()
+
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        return op.adjoint(op.forward(x))
+
+    theta = 0.0
+    for _ in range(max(1, iters)):
+        theta, v, residual = _lanczos_top(gram, v, min(krylov, size))
+        if theta <= 0.0:
+            return 0.0
+        if residual <= tol * theta:
+            break
+    return float(op.forward(v).norm())
