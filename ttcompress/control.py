@@ -132,26 +132,10 @@ class _Conv:
         return Geometry.of(self.layer)
 
 
-def _canonical_factors(layer: TTConv2d, dtype: torch.dtype):
-    """:func:`~ttcompress.tt.orthonormal_factors` with the QR signs fixed so that diag(R) ≥ 0.
-
-    Householder QR may flip the sign of any column of Q.  The operator does not care, but rewriting a layer with
-    sign-flipped frames would turn the optimizer's momentum for those rows against them, after every control
-    step.  With diag(R) ≥ 0, frames that are already orthonormal come back unchanged (R = I).
-    """
-    qf, core, ql = orthonormal_factors(layer, dtype=dtype)
-    f, ell = (t.detach().to(dtype) for t in layer.frames())
-    df = torch.sign(torch.diagonal(f @ qf.T))  # diag(Rf), with F = Rfᵀ Qfᵀ
-    dl = torch.sign(torch.diagonal(ql.T @ ell))  # diag(Rl), with L = Ql Rl
-    df, dl = torch.where(df == 0, 1.0, df).to(dtype), torch.where(dl == 0, 1.0, dl).to(dtype)
-    core = core * df.view(1, -1, 1, 1) * dl.view(-1, 1, 1, 1)
-    return qf * df.view(-1, 1), core, ql * dl.view(1, -1)
-
-
 def _kernel_and_frames(conv: _Conv, dtype: torch.dtype):
     """(kernel, frames) with frames = (Qf, Ql) for a TT layer (kernel = the core after QR), else None."""
     if conv.is_tt:
-        qf, core, ql = _canonical_factors(conv.layer, dtype)  # type: ignore[arg-type]
+        qf, core, ql = orthonormal_factors(conv.layer, dtype=dtype)  # type: ignore[arg-type]
         return core, (qf, ql)
     return conv.layer.weight.detach().to(dtype), None
 

@@ -55,6 +55,7 @@ from torch import nn
 
 from ttcompress import checkpoint as ck
 from ttcompress.control import BoundReport, Controller, orthogonal_loss
+from ttcompress.device import pick_device
 from ttcompress.errors import DivergenceError, UserError
 from ttcompress.progress import Progress, ensure
 
@@ -458,23 +459,7 @@ def _setup_distributed(device_spec: str) -> tuple[_Dist, torch.device]:
 
 
 def _pick_device(spec: str, ctx: _Dist) -> torch.device:
-    spec = spec.lower()
-    cuda = torch.cuda.is_available()
-    if spec.startswith("cuda") and not cuda:
-        raise UserError(f"--device {spec}: no CUDA device is available (torch.cuda.is_available() is False); "
-                        "use --device cpu")
-    if spec == "cpu" or (spec == "auto" and not cuda):
-        return torch.device("cpu")
-    if ctx.world_size > 1:
-        device = torch.device("cuda", ctx.local_rank)
-    elif spec.startswith("cuda:"):
-        device = torch.device(spec)
-    else:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
-    torch.cuda.set_device(device)
-    return device
+    return pick_device(spec, ctx.local_rank if ctx.world_size > 1 else None)
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------------------

@@ -89,6 +89,17 @@ class TTConv2d(nn.Module):
                 f"stride={self.stride}")
 
 
+def _positive_qr(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced QR with diag(R) ≥ 0, so frames that are already orthonormal come back unchanged (R = I).
+
+    Householder QR may flip the sign of any column of Q; the operator does not care, but rewriting a layer with
+    sign-flipped frames during training would turn the optimizer's momentum for those rows against them."""
+    q, r = torch.linalg.qr(matrix)
+    d = torch.sign(torch.diagonal(r))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    return q * d, r * d.unsqueeze(1)
+
+
 def orthonormal_factors(layer: TTConv2d, dtype: torch.dtype = torch.float64):
     """QR of both frames with the triangular factors folded into the core (Alg. 1, steps 1–3).
 
@@ -96,8 +107,8 @@ def orthonormal_factors(layer: TTConv2d, dtype: torch.dtype = torch.float64):
     ``compose_tt(Qf, G', Ql) == layer.dense_weight()``; r1' = min(r1, Cin), r2' = min(r2, Cout).
     """
     f, ell = (t.detach().to(dtype) for t in layer.frames())
-    qf, rf = torch.linalg.qr(f.T)  # F = Rfᵀ Qfᵀ
-    ql, rl = torch.linalg.qr(ell)  # L = Ql Rl
+    qf, rf = _positive_qr(f.T)  # F = Rfᵀ Qfᵀ
+    ql, rl = _positive_qr(ell)  # L = Ql Rl
     core = layer.core.weight.detach().to(dtype)
     core = K.apply_output_frame(K.apply_input_frame(core, rf), rl)
     return qf.T, core, ql
