@@ -113,12 +113,15 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if not trust_pickle and ("Weights only load failed" in text or "Unsupported global" in text):
+        if not trust_pickle and ("Unsupported global" in text or "GLOBAL" in text):
             raise CheckpointError(
                 f"{path} contains pickled Python objects beyond tensors (e.g. a whole nn.Module); refusing to "
                 "unpickle it because that can run arbitrary code. If you trust its source, pass --trust-pickle"
             ) from exc
-        raise CheckpointError(f"cannot read {path}: not a valid PyTorch checkpoint ({_first_line(text)})") from exc
+        detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+        raise CheckpointError(
+            f"cannot read {path}: not a valid PyTorch checkpoint, corrupt or truncated ({_first_line(detail)})"
+        ) from exc
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, struct.error, OSError, AttributeError) as exc:
         raise CheckpointError(
             f"cannot read {path}: not a valid PyTorch or safetensors checkpoint, or truncated ({_first_line(str(exc))})"
