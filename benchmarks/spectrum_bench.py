@@ -218,7 +218,10 @@ def child(task: str, channels: int, n: int, device: str) -> None:
     else:
         raise SystemExit(f"unknown child task {task}")
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"task": task, "seconds": seconds, "peak_rss_mib": peak_kib / 1024, "vm_hwm_mib": _vm_hwm_mib()}))
+    out = {"task": task, "seconds": seconds, "peak_rss_mib": peak_kib / 1024, "vm_hwm_mib": _vm_hwm_mib()}
+    if device.startswith("cuda"):
+        out["peak_device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
 
 
 def run_child(task: str, channels: int, n: int, device: str) -> dict:

@@ -44,10 +44,10 @@ class DemoSettings:
     model: Path | None = None  # default: default_model()
     arch: str | None = None
     rank: int | None = None  # default: 64 for ResNet-18, 8 for ResNet-20
-    steps: int = 20
+    steps: int = 60
     batch_size: int = 32
     clip_to: float = 1.0
-    clip_every: int = 10
+    clip_every: int = 20
     lr: float = 0.01
     eval_images: int = 256
     attack_images: int = 16

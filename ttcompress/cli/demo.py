@@ -21,7 +21,7 @@ def _pct(value: float | None) -> str:
 def demo(
     out: Path = typer.Option(Path("ttcompress-demo"), "--out", help="Folder for every artefact."),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
-    steps: int = typer.Option(20, "--steps", help="Finetuning steps on the embedded images."),
+    steps: int = typer.Option(60, "--steps", help="Finetuning steps on the embedded images."),
     rank: Optional[int] = typer.Option(None, "--rank", help="TT rank (default 64 for ResNet-18, 8 for ResNet-20)."),
     clip_to: float = typer.Option(1.0, "--clip-to", help="Clip every conv's singular values at this bound."),
     attack_images: int = typer.Option(16, "--attack-images", help="Images for AutoAttack (slow on CPU)."),
@@ -73,12 +73,13 @@ def demo(
                       f"{100 * ft['control_share']:.0f} % of it in exact clipping")
     out_console.print("\n[bold]artefacts[/]")
     for key, path in result.artefacts.items():
-        out_console.print(f"  {key:15s} {path}")
+        out_console.print(f"  {key:15s} {path}", soft_wrap=True, highlight=False)
     arch = result.arch
     out_console.print(
         "\n[bold]the same on your own checkpoint[/]\n"
         f"  ttcompress decompose my-model.pt --arch {arch} --rank {result.rank} -o my-tt.safetensors\n"
         "  ttcompress spectrum my-tt.safetensors --plot my-spectrum.png\n"
         f"  ttcompress finetune my-tt.safetensors --data cifar10 --epochs 10 --clip-to {clip_to:g} -o my-ft.safetensors\n"
-        "  ttcompress eval my-ft.safetensors --data cifar10 --metrics accuracy,ece,cifar-c,autoattack --n 1000"
+        "  ttcompress eval my-ft.safetensors --data cifar10 --metrics accuracy,ece,cifar-c,autoattack --n 1000",
+        soft_wrap=True,
     )
