@@ -56,7 +56,7 @@ from ttcompress.kernel import (
     to_polyphase,
 )
 
-DEFAULT_CHUNK_BYTES = 64 * 2**20  # working memory of one chunk of frequencies (one chunk in flight per worker)
+DEFAULT_CHUNK_BYTES = 16 * 2**20  # working memory of one chunk of frequencies (one chunk in flight per worker)
 
 _UNIT_ROUNDOFF = {torch.complex64: 2.0**-24, torch.complex128: 2.0**-53}
 # per-value error budget (× σmax) below which an eigenvalue is trusted; the float32 contract is 1e-4
@@ -65,6 +65,7 @@ _SWITCH_FRACTION = 0.25  # probe: above this share of untrustworthy complex64 fr
 _PROBE = 1  # frequencies per worker in that probe
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -187,18 +188,24 @@ def _single_threaded_blas() -> Iterator[None]:
                 torch.set_num_threads(_threads_saved["outer"])
 
 
-def _map(fn: Callable[[T], object], items: Sequence[T], workers: int) -> list:
-    """``[fn(x) for x in items]`` on ``workers`` threads, each running single-threaded BLAS/LAPACK."""
+def _imap(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """``fn(x) for x in items``, in order, computed on ``workers`` threads each running single-threaded
+    BLAS/LAPACK.  Results are handed over as they come, so a caller that reduces them holds only a few at a time."""
     workers = min(workers, len(items))
     if workers <= 1:
-        return [fn(x) for x in items]
+        yield from (fn(x) for x in items)
+        return
 
-    def run(x: T) -> object:
+    def run(x: T) -> R:
         torch.set_num_threads(1)  # this thread's OpenMP team (MKL's count is global)
         return fn(x)
 
     with _single_threaded_blas(), ThreadPoolExecutor(workers, thread_name_prefix="ttcompress-spectral") as pool:
-        return list(pool.map(run, items))
+        yield from pool.map(run, items)
+
+
+def _map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+    return list(_imap(fn, items, workers))
 
 
 # --- Gram matrices of the smaller side ---------------------------------------------------------------------------
@@ -225,7 +232,7 @@ class GramTerms:
         cls, side: torch.Tensor, positions: torch.Tensor, grid: Pair, workers: int = 1, interpolate: bool = False
     ) -> GramTerms:
         """``interpolate`` allows :func:`_autocorrelation_by_evaluation` (Toom–Cook: 13 instead of 45 products for a
-        3×3 kernel, 5 instead of 10 for a stride-2 one) at a relative error ~1e-13 instead of ~1e-16."""
+        3×3 kernel, 5 instead of 10 for a stride-2 one) at a relative error ~1e-14 instead of ~1e-16."""
         t, c, _ = side.shape
         m1, m2 = grid
         side = side.double()
@@ -242,39 +249,49 @@ class GramTerms:
                 key, mirrored = canonical((pos[i][0] - pos[j][0], pos[i][1] - pos[j][1]))
                 if not mirrored:  # the mirrored pairs give A_κᵀ
                     pairs.setdefault(key, []).append((i, j))
-        acc: dict[Pair, torch.Tensor] = {}
-        evaluated = _autocorrelation_by_evaluation(side, pos, workers) if interpolate else None
-        if evaluated is not None and len(evaluated[1]) < sum(len(v) for v in pairs.values()):
-            for delta, a in evaluated[0].items():
-                key, mirrored = canonical(delta)
-                if not mirrored:  # the offsets ≡ −κ hold A_κᵀ
-                    acc[key] = acc[key] + a if key in acc else a
-        else:
-            def product(item: tuple[Pair, list[tuple[int, int]]]) -> torch.Tensor:
-                _, group = item
-                left = side[[i for i, _ in group]].transpose(0, 1).reshape(c, -1)
-                right = side[[j for _, j in group]].transpose(0, 1).reshape(c, -1)
-                return left @ right.T
+        keys = list(pairs)
+        self_conjugate = [k == ((-k[0]) % m1, (-k[1]) % m2) for k in keys]
+        evaluated = None
+        if interpolate:
+            evaluated = _autocorrelation_by_evaluation(side, pos, workers, sum(len(v) for v in pairs.values()))
+        sym = side.new_zeros(len(keys), c, c)
+        skew = side.new_zeros(len(keys) - sum(self_conjugate), c, c)
 
-            acc = dict(zip(pairs, _map(product, list(pairs.items()), workers)))
-
-        sym, skew, sym_off, skew_off = [], [], [], []
-        for d, a in acc.items():
-            sym_off.append(d)
-            if d == ((-d[0]) % m1, (-d[1]) % m2):
-                sym.append((a + a.T) / 2)
+        def store(i: int, a: torch.Tensor, slot: list[int]) -> None:
+            """Add ``A`` (all or part of ``A_κ``) to the stacks: ``A + Aᵀ`` and ``A − Aᵀ``, or ½(A + Aᵀ) if κ ≡ −κ."""
+            if self_conjugate[i]:
+                sym[i].add_(a, alpha=0.5).add_(a.T, alpha=0.5)
             else:
-                sym.append(a + a.T)
-                skew.append(a - a.T)
-                skew_off.append(d)
+                sym[i].add_(a).add_(a.T)
+                skew[slot[i]].add_(a).sub_(a.T)
 
-        def stack(mats: list[torch.Tensor]) -> torch.Tensor:
-            return torch.stack(mats).reshape(len(mats), c * c) if mats else side.new_zeros(0, c * c)
+        slot, n = [], 0
+        for conj in self_conjugate:
+            slot.append(-1 if conj else n)
+            n += 0 if conj else 1
+        order = {k: i for i, k in enumerate(keys)}
+        if evaluated is not None:
+            coeff, deg = evaluated  # (2d1+1, 2d2+1, c, c): A_δ at [δ + d]
+            for a in range(2 * deg[0] + 1):
+                for b in range(2 * deg[1] + 1):
+                    key, mirrored = canonical((a - deg[0], b - deg[1]))
+                    if not mirrored:  # the offsets ≡ −κ hold A_κᵀ; several may wrap onto one κ
+                        store(order[key], coeff[a, b], slot)
+        else:
+            def product(i: int) -> None:
+                group = pairs[keys[i]]
+                left = side[[a for a, _ in group]].transpose(0, 1).reshape(c, -1)
+                right = side[[b for _, b in group]].transpose(0, 1).reshape(c, -1)
+                store(i, left @ right.T, slot)
+
+            _map(product, list(range(len(keys))), workers)
 
         def offsets(ds: list[Pair]) -> torch.Tensor:
             return torch.tensor(ds, dtype=torch.long, device=side.device).reshape(-1, 2)
 
-        return cls(grid, c, offsets(sym_off), stack(sym), offsets(skew_off), stack(skew))
+        skew_keys = [k for k, conj in zip(keys, self_conjugate) if not conj]
+        return cls(grid, c, offsets(keys), sym.reshape(len(keys), c * c), offsets(skew_keys),
+                   skew.reshape(len(skew_keys), c * c))
 
     def chunk(self, freqs: torch.Tensor, ctype: torch.dtype = torch.complex128) -> torch.Tensor:
         """``G(f)`` for a chunk of frequencies: ``(F_c, c, c)`` of ``ctype`` (accumulated in float64)."""
@@ -294,18 +311,19 @@ _POINTS: dict[int, list[float | None]] = {0: [0.0], 1: [0.0, None, 1.0], 2: [0.0
 
 
 def _autocorrelation_by_evaluation(
-    side: torch.Tensor, positions: list[list[int]], workers: int
-) -> tuple[dict[Pair, torch.Tensor], list] | None:
-    """``A_δ = Σ_{q−q'=δ} Q_q Q_{q'}ᵀ`` for every (unwrapped) offset δ, by evaluation and interpolation.
+    side: torch.Tensor, positions: list[list[int]], workers: int, direct_products: int
+) -> tuple[torch.Tensor, tuple[int, int]] | None:
+    """``A_δ = Σ_{q−q'=δ} Q_q Q_{q'}ᵀ`` for every (unwrapped) offset δ, by evaluation and interpolation: a
+    ``(2d1+1, 2d2+1, c, c)`` tensor with ``A_δ`` at ``[δ + d]``, and the degrees ``d``.
 
     Per axis, with ``d`` the degree of ``Q(z) = Σ_q Q_q z^q`` and ``R(z) = z^d Q(1/z)``, the product
     ``B(z) = Q(z) R(z)ᵀ = z^d Σ_δ A_δ z^δ`` is a matrix polynomial of degree 2d: evaluate it at 2d+1 points of
     ``{0, ∞, 1, 2, ½}`` (per axis, tensor grid in 2-D) and invert the Vandermonde matrix.  Since
     ``B(1/z) = z^{-2d} B(z)ᵀ`` (0 ↔ ∞ without the factor), about half the evaluations are transposes of others.
-    Returns ``({δ: A_δ}, products computed)``, or None for degrees above 2 (the points would be ill-conditioned).
+    None for degrees above 2 (the points would be ill-conditioned) or when it would not save products.
     """
     lo = [min(p[a] for p in positions) for a in range(2)]
-    deg = [max(p[a] for p in positions) - lo[a] for a in range(2)]
+    deg = (max(p[0] for p in positions) - lo[0], max(p[1] for p in positions) - lo[1])
     if max(deg) > 2:
         return None
     _, c, k = side.shape
@@ -335,8 +353,11 @@ def _autocorrelation_by_evaluation(
                 mirror[(i, j)] = twin
             else:
                 todo.append((i, j))
+    if len(todo) >= direct_products:
+        return None
+    values = side.new_empty(len(pts[0]), len(pts[1]), c, c)
 
-    def evaluate(ij: tuple[int, int]) -> torch.Tensor:
+    def evaluate(ij: tuple[int, int]) -> None:
         p, r = pts[0][ij[0]], pts[1][ij[1]]
         q = side.new_zeros(c, k)
         rr = side.new_zeros(c, k)
@@ -344,24 +365,22 @@ def _autocorrelation_by_evaluation(
         wr = [weights(deg[0], p, True), weights(deg[1], r, True)]
         for (a, b), tap in where.items():
             if wq[0][a] * wq[1][b]:
-                q += wq[0][a] * wq[1][b] * side[tap]
+                q.add_(side[tap], alpha=wq[0][a] * wq[1][b])
             if wr[0][a] * wr[1][b]:
-                rr += wr[0][a] * wr[1][b] * side[tap]
-        return q @ rr.T
+                rr.add_(side[tap], alpha=wr[0][a] * wr[1][b])
+        torch.matmul(q, rr.T, out=values[ij])
 
-    values = dict(zip(todo, _map(evaluate, todo, workers)))
+    _map(evaluate, todo, workers)
     for ij, twin in mirror.items():
         p, r = pts[0][twin[0]], pts[1][twin[1]]
-        values[ij] = scale(p, deg[0]) * scale(r, deg[1]) * values[twin].T
-    v = torch.stack([torch.stack([values[(i, j)] for j in range(len(pts[1]))]) for i in range(len(pts[0]))])
+        torch.mul(values[twin].T, scale(p, deg[0]) * scale(r, deg[1]), out=values[ij])
 
     def vandermonde_inverse(d: int) -> torch.Tensor:
         rows = [weights(2 * d, p, False) for p in _POINTS[d]]
-        return torch.linalg.inv(torch.tensor(rows, dtype=torch.float64)).to(side.device)
+        return torch.linalg.inv(torch.tensor(rows, dtype=torch.float64))
 
-    coeff = torch.einsum("ai,bj,ijxy->abxy", vandermonde_inverse(deg[0]), vandermonde_inverse(deg[1]), v)
-    out = {(a - deg[0], b - deg[1]): coeff[a, b] for a in range(2 * deg[0] + 1) for b in range(2 * deg[1] + 1)}
-    return out, todo
+    mix = torch.kron(vandermonde_inverse(deg[0]), vandermonde_inverse(deg[1])).to(side.device)
+    return (mix @ values.reshape(len(mix), -1)).reshape(values.shape), deg
 
 
 class _GramSource:
@@ -587,26 +606,34 @@ def clip(
             return None
         return u[..., -count:], shrink[..., -count:]
 
-    def change(fr: torch.Tensor, w: torch.Tensor, u: torch.Tensor, shrink: torch.Tensor) -> torch.Tensor:
-        """``Σ_f w_f Re(Δ(f) e^{+iθ(f,q)})`` at the support positions: ``(T, c·k)`` float64 (the 1/M comes later)."""
+    totals: list[torch.Tensor] = []  # one accumulator per worker thread
+    local, lock = threading.local(), threading.Lock()
+
+    def change(fr: torch.Tensor, w: torch.Tensor, u: torch.Tensor, shrink: torch.Tensor) -> None:
+        """Add ``Σ_f w_f Re(Δ(f) e^{+iθ(f,q)})`` at the support positions to this thread's ``(T, c·k)`` float64
+        accumulator (the 1/M comes later)."""
         q = source.transfer(fr).to(ctype)
         delta = (u * shrink.unsqueeze(-2).to(ctype)) @ (u.mH @ q)  # (F_c, c, k)
         theta = _phases(fr, positions, layout.grid, torch.float64)
         cos, sin = (w.unsqueeze(1) * torch.cos(theta)).T, (w.unsqueeze(1) * torch.sin(theta)).T  # (T, F_c)
         flat = delta.reshape(len(fr), -1)
-        return cos @ flat.real.double() - sin @ flat.imag.double()
+        total = getattr(local, "total", None)
+        if total is None:
+            total = local.total = torch.zeros(len(side), c * k, dtype=torch.float64, device=device)
+            with lock:
+                totals.append(total)
+        total.addmm_(cos, flat.real.double()).addmm_(sin, flat.imag.double(), alpha=-1)
 
     if len(reps) < len(freqs) and 32 * len(reps) * c * c <= DEFAULT_CHUNK_BYTES:
         # few distinct Grams (a 1×1 or dilated kernel): one eigendecomposition per class, shared by its frequencies
         shared = decompose(source.chunk(freqs[reps], ctype))
 
-        def work(s: slice) -> torch.Tensor | None:
-            if shared is None:
-                return None
-            cls = inverse[s]
-            return change(freqs[s], weight[s], shared[0][cls], shared[1][cls])
+        def work(s: slice) -> None:
+            if shared is not None:
+                cls = inverse[s]
+                change(freqs[s], weight[s], shared[0][cls], shared[1][cls])
     else:
-        def work(s: slice) -> torch.Tensor | None:
+        def work(s: slice) -> None:
             fr, w = freqs[s], weight[s]
             g = source.chunk(fr, ctype)
             if prefilter[0]:
@@ -614,17 +641,16 @@ def clip(
                 if 2 * len(active) > len(fr):
                     prefilter[0] = False  # most frequencies need the eigenvectors anyway
                 if len(active) == 0:
-                    return None
+                    return
                 if len(active) < len(fr):
                     g, fr, w = g[active], fr[active], w[active]
             found = decompose(g)
-            return None if found is None else change(fr, w, *found)
+            if found is not None:
+                change(fr, w, *found)
 
     spans = _chunk_spans(len(freqs), chunk, 16 * (4 * c * c + 5 * c * k), workers)
-    total = torch.zeros(len(side), c * k, dtype=torch.float64, device=device)
-    for part in _map(work, spans, workers):
-        if part is not None:
-            total += part
+    _map(work, spans, workers)
+    total = sum(totals[1:], totals[0]) if totals else side.new_zeros(len(side), c * k)
     new_side = side - (total / (layout.grid[0] * layout.grid[1])).reshape(side.shape)
     new_taps = new_side.transpose(1, 2) if transposed else new_side
     if used is not None:
