@@ -223,16 +223,20 @@ def test_float32_contract_at_realistic_width(kind):
     torch.testing.assert_close(got64, fft_singular_values(w, 16), atol=1e-10 * ref[0], rtol=0)
 
 
-def test_precision_ladder_keeps_complex64_only_where_it_is_safe():
-    wide = torch.randn(8, 16, 3, 3, dtype=torch.float64)  # stride 2: 8 × 64, σmin far from 0
-    square = ill_conditioned("cluster-and-zeros", 16, 16)  # σ = 0 at every frequency
-    for w, stride, expect in [(wide, 2, 0), (square, 1, 1)]:
-        layout, taps = periodic._layout_and_taps(w.float(), (8, 8), Geometry((stride, stride)), torch.float32)
-        side, _ = periodic._side(taps)
-        freqs = periodic.HalfGrid.of(layout.grid).freqs
-        spectrum = periodic._Spectrum(periodic._GramSource(side, layout, len(freqs), 1), freqs, torch.float32, None, 1)
-        spectrum.compute()
-        assert (spectrum.level == expect).all()
+def test_gram_eigenvalues_are_used_only_where_they_are_safe():
+    """A wide kernel (σmin far from 0) goes through Gram eigenvalues after the svdvals probe; a kernel with σ = 0 at
+    every frequency through svdvals everywhere.  Both agree with the dense operator."""
+    wide = torch.randn(8, 16, 3, 3, dtype=torch.float64)  # stride 2: 8 × 64
+    square = ill_conditioned("cluster-and-zeros", 16, 16)
+    for w, stride, all_exact in [(wide, 2, False), (square, 1, True)]:
+        for dtype in (torch.float32, torch.float64):
+            layout, taps = periodic._layout_and_taps(w, (8, 8), Geometry((stride, stride)), dtype)
+            side, _ = periodic._side(taps)
+            freqs = periodic.HalfGrid.of(layout.grid).freqs
+            spectrum = periodic._Spectrum(periodic._GramSource(side, layout, len(freqs), 1), freqs, dtype, None, 1)
+            spectrum.compute()
+            assert bool(spectrum.exact.all()) == all_exact
+            assert bool(spectrum.exact[:1].all())  # the probe
 
 
 def test_untrusted_flags_small_values_only():
@@ -263,20 +267,26 @@ def test_chunks_and_threads_do_not_change_values(monkeypatch):
 
 
 def test_memory_is_bounded_by_the_chunk(monkeypatch):
-    """No tensor of the whole (frequencies × c × c) size: every Gram chunk respects DEFAULT_CHUNK_BYTES."""
+    """No tensor of the whole (frequencies × c × c) size: every chunk of transfer or Gram matrices respects
+    DEFAULT_CHUNK_BYTES, for the svdvals path (square kernel) and the Gram path (wide, stride 2)."""
     sizes = []
-    chunk = periodic.GramTerms.chunk
+    source = periodic._GramSource
 
-    def spy(self, freqs, ctype=torch.complex128):
-        out = chunk(self, freqs, ctype)
-        sizes.append(out.numel() * out.element_size())
-        return out
-    monkeypatch.setattr(periodic.GramTerms, "chunk", spy)
+    def spy(method):
+        def wrapped(self, freqs, *args):
+            out = method(self, freqs, *args)
+            sizes.append(out.numel() * out.element_size())
+            return out
+        return wrapped
+    monkeypatch.setattr(source, "chunk", spy(source.chunk))
+    monkeypatch.setattr(source, "transfer", spy(source.transfer))
     monkeypatch.setattr(periodic, "DEFAULT_CHUNK_BYTES", 2**20)
-    w = torch.randn(48, 48, 3, 3)
-    singular_values(w, (32, 32))
-    full = len(periodic.HalfGrid.of((32, 32)).freqs) * 48 * 48 * 16
-    assert sizes and max(sizes) <= 2**20 < full
+    for w, stride in [(torch.randn(48, 48, 3, 3), 1), (torch.randn(48, 24, 3, 3), 2)]:
+        sizes.clear()
+        singular_values(w, (32, 32), Geometry((stride, stride)))
+        clip(w, (32, 32), 0.1, Geometry((stride, stride)))
+        full = len(periodic.HalfGrid.of((32 // stride, 32 // stride)).freqs) * 48 * 48 * 16
+        assert sizes and max(sizes) <= 2**20 < full
 
 
 @pytest.mark.parametrize("cout,cin,k,n,stride,dilation", CASES)

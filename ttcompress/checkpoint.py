@@ -17,7 +17,6 @@ import os
 import pickle
 import struct
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,7 +121,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         raise CheckpointError(
             f"cannot read {path}: not a valid PyTorch checkpoint, corrupt or truncated ({_first_line(detail)})"
         ) from exc
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, struct.error, OSError, AttributeError) as exc:
+    except Exception as exc:  # garbage bytes surface as any of RuntimeError, EOFError, KeyError, IndexError, …
         raise CheckpointError(
             f"cannot read {path}: not a valid PyTorch or safetensors checkpoint, or truncated ({_first_line(str(exc))})"
         ) from exc

@@ -61,7 +61,7 @@ DEFAULT_CHUNK_BYTES = 16 * 2**20  # working memory of one chunk of frequencies (
 _UNIT_ROUNDOFF = {torch.complex64: 2.0**-24, torch.complex128: 2.0**-53}
 # per-value error budget (× σmax) below which an eigenvalue is trusted; the float32 contract is 1e-4
 _BUDGET = {torch.float32: 5e-5, torch.float64: 2e-11}
-_SWITCH_FRACTION = 0.25  # probe: above this share of untrustworthy complex64 frequencies, the layer goes complex128
+_SWITCH = 0.25  # probe: above this share of frequencies the Gram cannot vouch for, the layer goes to svdvals
 _PROBE = 1  # frequencies per worker in that probe
 
 T = TypeVar("T")
@@ -384,8 +384,9 @@ def _autocorrelation_by_evaluation(
 
 
 class _GramSource:
-    """``G(f)`` of the smaller side of ``P̂(f)``, from :class:`GramTerms` or — when the kernel has so many taps that
-    the autocorrelation would cost more than per-frequency products (T² > 3F) — as ``Q̂ Q̂ᴴ`` per chunk."""
+    """``Q̂(f)`` and ``G(f) = Q̂(f) Q̂(f)ᴴ`` of the smaller side of ``P̂(f)``.  The Gram comes from :class:`GramTerms`
+    (built on first use) or — when the kernel has so many taps that the autocorrelation would cost more than
+    per-frequency products (T² > 3F) — as ``Q̂ Q̂ᴴ`` per chunk."""
 
     def __init__(
         self, side: torch.Tensor, layout: PolyphaseLayout, n_freqs: int, workers: int, interpolate: bool = False
@@ -394,13 +395,19 @@ class _GramSource:
         self.layout = layout
         self.positions = layout.positions.to(side.device)
         t, self.c, self.k = side.shape
-        use_terms = t * t <= 3 * n_freqs
-        self.terms = (
-            GramTerms.of(self.side, layout.positions, layout.grid, workers, interpolate) if use_terms else None
-        )
+        self.use_terms = t * t <= 3 * n_freqs
+        self.workers, self.interpolate = workers, interpolate
+        self._terms: GramTerms | None = None
+
+    @property
+    def terms(self) -> GramTerms | None:
+        if self.use_terms and self._terms is None:
+            self._terms = GramTerms.of(self.side, self.layout.positions, self.layout.grid, self.workers,
+                                       self.interpolate)
+        return self._terms
 
     def bytes_per_freq(self) -> int:
-        return 48 * self.c * self.c + (0 if self.terms is not None else 32 * self.c * self.k)
+        return 48 * self.c * self.c + (0 if self.use_terms else 32 * self.c * self.k)
 
     def transfer(self, freqs: torch.Tensor) -> torch.Tensor:
         """``Q̂(f)`` of the side taps, complex128 ``(F_c, c, k)``."""
@@ -408,8 +415,9 @@ class _GramSource:
         return torch.complex(re, im).reshape(-1, self.c, self.k)
 
     def chunk(self, freqs: torch.Tensor, ctype: torch.dtype = torch.complex128) -> torch.Tensor:
-        if self.terms is not None:
-            return self.terms.chunk(freqs, ctype)
+        terms = self.terms
+        if terms is not None:
+            return terms.chunk(freqs, ctype)
         q = self.transfer(freqs)
         return (q @ q.mH).to(ctype)
 
@@ -459,53 +467,59 @@ def _untrusted(lam: torch.Tensor, ctype: torch.dtype, budget: float, sigma_max: 
 
 
 class _Spectrum:
-    """Singular values (ascending, float64) of ``P̂(f)`` for a set of frequencies, in the precision they need."""
+    """Singular values (ascending, float64) of ``P̂(f)`` for a set of frequencies, in the precision they need.
+
+    Two ways per frequency: the eigenvalues of the Gram (cheap, ``c×c`` even when ``P̂`` is wide, but they lose
+    small σ) and ``svdvals`` of ``P̂`` itself (error ~ u·σmax for every σ), in complex64 for ``dtype=float32`` and
+    complex128 for float64.  A probe of one frequency per worker goes through ``svdvals``; if the Gram would not have
+    been trustworthy there (a σ near zero: typical of square layers), every frequency does, otherwise the Gram is used
+    and the frequencies it cannot vouch for (:func:`_untrusted`, with the final σmax) are redone with ``svdvals``.
+    """
 
     def __init__(self, source: _GramSource, freqs: torch.Tensor, dtype: torch.dtype, chunk: int | None,
                  workers: int) -> None:
         self.source, self.freqs, self.chunk, self.workers = source, freqs, chunk, workers
         self.budget = _BUDGET.get(dtype, _BUDGET[torch.float32])
-        self.first = torch.complex64 if dtype == torch.float32 else torch.complex128
-        n, c = len(freqs), source.c
-        self.lam = torch.empty(n, c, dtype=torch.float64, device=freqs.device)
-        self.level = torch.zeros(n, dtype=torch.long, device=freqs.device)  # 0: complex64, 1: complex128 eig
+        self.ctype = torch.complex64 if dtype == torch.float32 else torch.complex128
+        self.sigma = torch.empty(len(freqs), source.c, dtype=torch.float64, device=freqs.device)
+        self.exact = torch.zeros(len(freqs), dtype=torch.bool, device=freqs.device)  # from svdvals
 
-    def _eig(self, rows: torch.Tensor | slice, ctype: torch.dtype) -> None:
-        spans = _chunk_spans(len(self.freqs[rows]), self.chunk, self.source.bytes_per_freq(), self.workers)
+    def _svd(self, rows: torch.Tensor | slice) -> None:
         freqs = self.freqs[rows]
-        parts = _map(lambda s: torch.linalg.eigvalsh(self.source.chunk(freqs[s], ctype)).double(), spans, self.workers)
-        if parts:
-            self.lam[rows] = torch.cat(parts)
-            self.level[rows] = 0 if ctype == torch.complex64 else 1
+        spans = _chunk_spans(len(freqs), self.chunk, 40 * self.source.c * self.source.k, self.workers)
+        ctype = self.ctype
 
-    def _sigma_max(self) -> float:
-        return float(self.lam[:, -1].clamp(min=0).max().sqrt()) if len(self.lam) else 0.0
+        def svdvals(s: slice) -> torch.Tensor:
+            return torch.linalg.svdvals(self.source.transfer(freqs[s]).to(ctype)).flip(-1).double()
+
+        parts = _map(svdvals, spans, self.workers)
+        if parts:
+            self.sigma[rows] = torch.cat(parts)
+            self.exact[rows] = True
+
+    def _gram(self, rows: slice) -> torch.Tensor:
+        freqs = self.freqs[rows]
+        spans = _chunk_spans(len(freqs), self.chunk, self.source.bytes_per_freq(), self.workers)
+        ctype = self.ctype
+        parts = _map(lambda s: torch.linalg.eigvalsh(self.source.chunk(freqs[s], ctype)).double(), spans, self.workers)
+        return torch.cat(parts) if parts else self.sigma.new_empty(0, self.source.c)
 
     def compute(self) -> torch.Tensor:
         n = len(self.freqs)
-        mode = self.first
-        if mode == torch.complex64:
-            # probe one frequency per worker in complex64; if it needs complex128, so will most: do the rest so
-            probe = slice(0, min(n, self.workers * _PROBE, self.workers * (self.chunk or n)))
-            self._eig(probe, mode)
-            lam = self.lam[probe]
-            bad = _untrusted(lam, mode, self.budget, float(lam[:, -1].clamp(min=0).max().sqrt()))
-            if float(bad.double().mean()) > _SWITCH_FRACTION:
-                mode = torch.complex128
-            self._eig(slice(probe.stop, n), mode)
-            sigma_max = self._sigma_max()
-            redo = ((self.level == 0) & _untrusted(self.lam, torch.complex64, self.budget, sigma_max)).nonzero()
-            self._eig(redo.flatten(), torch.complex128)
-        else:
-            self._eig(slice(0, n), mode)
-        sigma = self.lam.clamp(min=0).sqrt()
-        redo = _untrusted(self.lam, torch.complex128, self.budget, self._sigma_max()).nonzero().flatten()
-        if len(redo):  # squaring lost them even in complex128: singular values of P̂ itself
-            freqs = self.freqs[redo]
-            spans = _chunk_spans(len(freqs), self.chunk, 64 * self.source.c * self.source.k, self.workers)
-            parts = _map(lambda s: torch.linalg.svdvals(self.source.transfer(freqs[s])).flip(-1), spans, self.workers)
-            sigma[redo] = torch.cat(parts)
-        return sigma
+        probe = slice(0, min(n, self.workers * _PROBE))
+        self._svd(probe)
+        seen = self.sigma[probe]
+        if float(_untrusted(seen**2, self.ctype, self.budget, float(seen[:, -1].max())).double().mean()) > _SWITCH:
+            self._svd(slice(probe.stop, n))
+            return self.sigma
+        rest = slice(probe.stop, n)
+        lam = self._gram(rest)
+        self.sigma[rest] = lam.clamp(min=0).sqrt()
+        sigma_max = float(self.sigma[:, -1].max()) if n else 0.0
+        redo = torch.zeros(n, dtype=torch.bool, device=self.freqs.device)
+        redo[rest] = _untrusted(lam, self.ctype, self.budget, sigma_max)
+        self._svd(redo.nonzero().flatten())
+        return self.sigma
 
 
 def _frequency_singular_values(
