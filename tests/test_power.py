@@ -17,6 +17,7 @@ from ttcompress.spectral.power import (
     PowerIteration,
     conv_operator,
     sigma_max_power,
+    top_singular,
 )
 from ttcompress.tt import TTConv2d, orthonormal_factors
 
@@ -125,3 +126,55 @@ def test_vector_is_redrawn_when_the_shape_changes():
     assert pi.vectors["x"].shape == (1, 4)
     pi.estimate("x", LinearMap(torch.randn(3, 6)))
     assert pi.vectors["x"].shape == (1, 6)
+
+
+TOPK = [
+    # (Cout, Cin, k, n, stride, padding, dilation)
+    (4, 3, 3, 8, 1, 1, 1),
+    (6, 4, 3, 8, 2, 1, 1),  # stride 2
+    (3, 5, 3, 7, 2, 1, 1),  # stride 2, odd size, wide
+    (4, 2, 5, 6, 1, 2, 1),  # kernel nearly as large as the input
+]
+
+
+@pytest.mark.parametrize("cout,cin,k,n,stride,padding,dilation", TOPK)
+def test_top_singular_matches_dense_zero_padded_operator(cout, cin, k, n, stride, padding, dilation):
+    torch.manual_seed(11)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=False).double()
+    dense = operator_matrix(conv, (cin, n, n))
+    ref = dense_singular_values(dense)
+    found = top_singular(conv, (n, n), 5, tol=1e-6)
+    assert found.converged
+    torch.testing.assert_close(found.values, ref[:5], rtol=1e-5, atol=0)
+    # the vectors are singular vectors of the actual operator: A v = σ u, Aᵀ u ≈ σ v, orthonormal
+    v = found.right.reshape(5, -1).T
+    u = found.left.reshape(5, -1).T
+    torch.testing.assert_close(dense @ v, u * found.values, rtol=0, atol=1e-10)
+    assert float((dense.T @ u - v * found.values).norm(dim=0).max()) <= 1e-6 * float(ref[0])
+    torch.testing.assert_close(v.T @ v, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_top_singular_of_tt_layer_and_warm_start():
+    torch.manual_seed(5)
+    layer = TTConv2d(5, 6, 3, (3, 4), stride=2, padding=1).double()
+    with torch.no_grad():
+        layer.first.weight.mul_(2.0)
+    ref = dense_singular_values(operator_matrix(lambda x: layer(x) - layer.bias.view(1, -1, 1, 1), (5, 8, 8)))
+    cold = top_singular(layer, (5, 8, 8), 3, tol=1e-8)
+    torch.testing.assert_close(cold.values, ref[:3], rtol=1e-7, atol=0)
+    warm = top_singular(layer, (5, 8, 8), 3, tol=1e-8, start=cold.right)
+    assert warm.converged and warm.products < cold.products
+
+
+def test_top_singular_of_linear_and_tolerance_is_honoured():
+    torch.manual_seed(2)
+    lin = nn.Linear(40, 30, bias=False).double()
+    ref = torch.linalg.svdvals(lin.weight.detach())
+    loose = top_singular(lin, k=4, tol=1e-2, krylov=2)
+    assert loose.converged
+    # each value is within its residual (and so within tol·σ) of a true singular value
+    for value, residual in zip(loose.values, loose.residuals):
+        assert float((ref - value).abs().min()) <= float(residual) + 1e-12
+        assert float(residual) <= 1e-2 * float(value)
+    with pytest.raises(ValueError, match="block"):
+        top_singular(lin, k=4, block=2)

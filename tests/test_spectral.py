@@ -248,21 +248,25 @@ def test_untrusted_flags_small_values_only():
     assert not periodic._untrusted(lam, torch.complex128, 5e-5, 1.0).any()
 
 
-def test_chunks_and_threads_do_not_change_values(monkeypatch):
-    w = torch.randn(12, 10, 3, 3)
+@pytest.mark.parametrize("cin,stride", [(48, 1), (24, 2)])  # the svdvals path and the Gram path
+def test_chunks_and_threads_do_not_change_values(monkeypatch, cin, stride):
+    w = torch.randn(48, cin, 3, 3)
+    geometry, size = Geometry((stride, stride)), (16 * stride, 16 * stride)
     for dtype in (torch.float32, torch.float64):
-        ref = singular_values(w, (8, 8), Geometry((2, 2)), dtype=dtype)
+        ref = singular_values(w, size, geometry, dtype=dtype)
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
-            single = singular_values(w, (8, 8), Geometry((2, 2)), dtype=dtype)
+            single = singular_values(w, size, geometry, dtype=dtype)
+            torch.set_num_threads(3)
+            three = singular_values(w, size, geometry, dtype=dtype)
         finally:
             torch.set_num_threads(threads)
         monkeypatch.setattr(periodic, "DEFAULT_CHUNK_BYTES", 1)  # one frequency per chunk
-        tiny = singular_values(w, (8, 8), Geometry((2, 2)), dtype=dtype)
+        tiny = singular_values(w, size, geometry, dtype=dtype)
         monkeypatch.undo()
-        torch.testing.assert_close(single, ref, atol=1e-6 * float(ref[0]), rtol=0)
-        torch.testing.assert_close(tiny, ref, atol=1e-6 * float(ref[0]), rtol=0)
+        for other in (single, three, tiny):
+            torch.testing.assert_close(other, ref, atol=1e-6 * float(ref[0]), rtol=0)
         assert torch.get_num_threads() == threads
 
 

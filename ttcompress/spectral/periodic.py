@@ -14,18 +14,20 @@ How they are computed (``benchmarks/spectrum_bench.py`` measures each choice):
   channels no tap reaches (the three idle phases of a stride-2 1×1 conv) are dropped: they only add zeros.
 - **Gram matrices from the channel autocorrelation.**  With ``c`` the smaller side of ``P̂`` (``Cout`` or ``s²Cin``),
   ``G(f) = P̂(f) P̂(f)ᴴ = Σ_δ A_δ e^{-2πi⟨f, δ/m⟩}`` where ``A_δ = Σ_{q−q'=δ} P_q P_{q'}ᵀ`` are real ``c×c``
-  matrices, one per tap offset (25 for a 3×3 kernel), with ``A_{−δ} = A_δᵀ``.  They are computed once per layer in
-  float64 — directly (45 ``c×c·k`` products for a 3×3 kernel) or, for ``dtype=float32``, by evaluating the matrix
-  polynomial at 25 points of which 12 are transposes of others and interpolating (Toom–Cook: 13 products, relative
-  error ~1e-14) — instead of one complex ``c²k`` product per frequency; a chunk of frequencies then gets its
-  ``G(f)`` from one small real matrix product over the offsets.
-- **Eigenvalues, in the precision the values need.**  ``σ = √λ(G)``.  The Gram squares the condition number: an
-  eigensolver with backward error ``γ·u·‖G‖`` (``γ`` measured up to ~3.4√c) moves ``σ`` by about
-  ``γ·u·λmax / (2σ)`` — harmless for large ``σ``, but up to ``√(γ·u)·σmax`` (1e-4..1e-3·σmax in complex64) for a
-  ``σ`` near zero.  So every frequency carries that a-priori bound: ``dtype=float32`` tries complex64, and
-  frequencies whose bound exceeds 5e-5·σmax are redone in complex128 (whole layers go to complex128 at once when a
-  first probe shows such frequencies to be common — square layers of random or trained nets have σ ≈ 0 somewhere);
-  ``dtype=float64`` uses complex128 and redoes flagged frequencies with ``svdvals`` of ``P̂`` itself (no squaring).
+  matrices, one per tap offset (25 for a 3×3 kernel), with ``A_{−δ} = A_δᵀ``.  They are computed once per layer
+  (one that takes the Gram path, below) in float64 — directly (45 ``c×c·k`` products for a 3×3 kernel) or, for
+  ``dtype=float32``, by evaluating the matrix polynomial at 25 points of which 12 are transposes of others and
+  interpolating (Toom–Cook: 13 products, relative error ~1e-14) — instead of one complex ``c²k`` product per
+  frequency; a chunk of frequencies then gets its ``G(f)`` from one small real matrix product over the offsets.
+- **Gram eigenvalues where they are exact enough, ``svdvals`` elsewhere.**  ``σ = √λ(G)``, but the Gram squares the
+  condition number: an eigensolver with backward error ``γ·u·‖G‖`` (``γ`` measured up to ~3.4√c) moves ``σ`` by
+  about ``γ·u·λmax / (2σ)`` — harmless for large ``σ``, up to ``√(γ·u)·σmax`` for a ``σ`` near zero (1e-4..1e-3·σmax
+  in complex64: outside the float32 contract; complex128 eigenvalues would cost as much as complex64 ``svdvals``).
+  So every Gram result carries that a-priori bound, and frequencies where it exceeds the budget (5e-5·σmax for
+  float32, 2e-11·σmax for float64) get ``svdvals`` of ``P̂`` itself (error ~u·σmax, no squaring) in the same
+  precision — complex64 for ``dtype=float32``, complex128 for float64.  A probe of one frequency per worker decides
+  the layer: square layers (random or trained) have a σ ≈ 0 at nearly every frequency and go to ``svdvals``
+  directly; wide ones (stride 2: ``Cout × 4Cin``) keep σmin far from 0 and take the Gram, which is also smaller.
 - **Bounded memory.**  Everything per frequency is produced and consumed chunk by chunk (``DEFAULT_CHUNK_BYTES``
   per chunk, one chunk in flight per worker); nothing of size ``m1·m2·c²`` is held.  Peak extra memory is about
   ``workers × DEFAULT_CHUNK_BYTES`` plus the ``A_δ`` (25·c² doubles for a 3×3 kernel).
@@ -156,13 +158,23 @@ def _spans(n: int, per_chunk: int) -> list[slice]:
     return [slice(s, min(s + per_chunk, n)) for s in range(0, n, per_chunk)]
 
 
+_SMALL_CHUNK_BYTES = 2**20  # below this a chunk is not worth a task of its own
+_SMALL_JOB_BYTES = 8 * 2**20  # below this a whole job runs on the calling thread
+
+
+def _job_workers(n: int, bytes_per_item: int, workers: int) -> int:
+    return workers if n * bytes_per_item >= _SMALL_JOB_BYTES else 1
+
+
 def _chunk_spans(n: int, chunk: int | None, bytes_per_item: int, workers: int) -> list[slice]:
     """Chunks of at most ``DEFAULT_CHUNK_BYTES`` (or ``chunk`` items), and with several workers many chunks per
-    worker so that they finish together."""
+    worker so that they finish together — but not chunks so small that scheduling them costs more than it saves."""
     if chunk is None:
-        chunk = max(1, DEFAULT_CHUNK_BYTES // max(1, bytes_per_item))
+        bytes_per_item = max(1, bytes_per_item)
+        chunk = max(1, DEFAULT_CHUNK_BYTES // bytes_per_item)
         if workers > 1:  # dynamic scheduling: many small chunks keep the workers' finishing times close
-            chunk = min(chunk, max(1, math.ceil(n / (16 * workers))))
+            balanced = max(math.ceil(n / (16 * workers)), _SMALL_CHUNK_BYTES // bytes_per_item)
+            chunk = max(1, min(chunk, balanced))
     return _spans(n, chunk)
 
 
@@ -398,6 +410,8 @@ class _GramSource:
         self.use_terms = t * t <= 3 * n_freqs
         self.workers, self.interpolate = workers, interpolate
         self._terms: GramTerms | None = None
+        self._complex: dict[torch.dtype, torch.Tensor] = {}
+        self._lock = threading.Lock()
 
     @property
     def terms(self) -> GramTerms | None:
@@ -409,10 +423,16 @@ class _GramSource:
     def bytes_per_freq(self) -> int:
         return 48 * self.c * self.c + (0 if self.use_terms else 32 * self.c * self.k)
 
-    def transfer(self, freqs: torch.Tensor) -> torch.Tensor:
-        """``Q̂(f)`` of the side taps, complex128 ``(F_c, c, k)``."""
-        re, im = _dft(self.side.reshape(len(self.side), -1), self.positions, freqs, self.layout.grid)
-        return torch.complex(re, im).reshape(-1, self.c, self.k)
+    def transfer(self, freqs: torch.Tensor, ctype: torch.dtype = torch.complex128) -> torch.Tensor:
+        """``Q̂(f)`` of the side taps, ``(F_c, c, k)`` of ``ctype``: one complex product over the T taps, with the
+        phases ``e^{-iθ}`` taken in float64."""
+        with self._lock:
+            taps = self._complex.get(ctype)
+            if taps is None:
+                taps = self._complex[ctype] = self.side.reshape(len(self.side), -1).to(ctype)
+        theta = _phases(freqs, self.positions, self.layout.grid, torch.float64)
+        phase = torch.polar(torch.ones_like(theta), -theta).to(ctype)
+        return (phase @ taps).reshape(-1, self.c, self.k)
 
     def chunk(self, freqs: torch.Tensor, ctype: torch.dtype = torch.complex128) -> torch.Tensor:
         terms = self.terms
@@ -486,22 +506,25 @@ class _Spectrum:
 
     def _svd(self, rows: torch.Tensor | slice) -> None:
         freqs = self.freqs[rows]
-        spans = _chunk_spans(len(freqs), self.chunk, 40 * self.source.c * self.source.k, self.workers)
+        size = 40 * self.source.c * self.source.k
+        workers = _job_workers(len(freqs), size, self.workers)
+        spans = _chunk_spans(len(freqs), self.chunk, size, workers)
         ctype = self.ctype
 
         def svdvals(s: slice) -> torch.Tensor:
-            return torch.linalg.svdvals(self.source.transfer(freqs[s]).to(ctype)).flip(-1).double()
+            return torch.linalg.svdvals(self.source.transfer(freqs[s], ctype)).flip(-1).double()
 
-        parts = _map(svdvals, spans, self.workers)
+        parts = _map(svdvals, spans, workers)
         if parts:
             self.sigma[rows] = torch.cat(parts)
             self.exact[rows] = True
 
     def _gram(self, rows: slice) -> torch.Tensor:
         freqs = self.freqs[rows]
-        spans = _chunk_spans(len(freqs), self.chunk, self.source.bytes_per_freq(), self.workers)
+        workers = _job_workers(len(freqs), self.source.bytes_per_freq(), self.workers)
+        spans = _chunk_spans(len(freqs), self.chunk, self.source.bytes_per_freq(), workers)
         ctype = self.ctype
-        parts = _map(lambda s: torch.linalg.eigvalsh(self.source.chunk(freqs[s], ctype)).double(), spans, self.workers)
+        parts = _map(lambda s: torch.linalg.eigvalsh(self.source.chunk(freqs[s], ctype)).double(), spans, workers)
         return torch.cat(parts) if parts else self.sigma.new_empty(0, self.source.c)
 
     def compute(self) -> torch.Tensor:
@@ -626,7 +649,7 @@ def clip(
     def change(fr: torch.Tensor, w: torch.Tensor, u: torch.Tensor, shrink: torch.Tensor) -> None:
         """Add ``Σ_f w_f Re(Δ(f) e^{+iθ(f,q)})`` at the support positions to this thread's ``(T, c·k)`` float64
         accumulator (the 1/M comes later)."""
-        q = source.transfer(fr).to(ctype)
+        q = source.transfer(fr, ctype)
         delta = (u * shrink.unsqueeze(-2).to(ctype)) @ (u.mH @ q)  # (F_c, c, k)
         theta = _phases(fr, positions, layout.grid, torch.float64)
         cos, sin = (w.unsqueeze(1) * torch.cos(theta)).T, (w.unsqueeze(1) * torch.sin(theta)).T  # (T, F_c)
@@ -662,8 +685,9 @@ def clip(
             if found is not None:
                 change(fr, w, *found)
 
-    spans = _chunk_spans(len(freqs), chunk, 16 * (4 * c * c + 5 * c * k), workers)
-    _map(work, spans, workers)
+    per_freq = 16 * (4 * c * c + 5 * c * k)
+    workers = _job_workers(len(freqs), per_freq, workers)
+    _map(work, _chunk_spans(len(freqs), chunk, per_freq, workers), workers)
     total = sum(totals[1:], totals[0]) if totals else side.new_zeros(len(side), c * k)
     new_side = side - (total / (layout.grid[0] * layout.grid[1])).reshape(side.shape)
     new_taps = new_side.transpose(1, 2) if transposed else new_side

@@ -20,6 +20,7 @@ operators because their top singular values cluster.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,8 +37,10 @@ __all__ = [
     "LinearMap",
     "Operator",
     "PowerIteration",
+    "Triplets",
     "conv_operator",
     "sigma_max_power",
+    "top_singular",
 ]
 
 
@@ -197,41 +200,148 @@ class PowerIteration:
         self.vectors = {str(k): v.clone() for k, v in state.get("vectors", {}).items()}
 
 
-def _lanczos_top(gram, v: torch.Tensor, steps: int) -> tuple[float, torch.Tensor, float]:
-    """``steps`` Lanczos steps on the symmetric map ``gram`` from unit ``v`` (full reorthogonalisation).
+@dataclass(frozen=True)
+class Triplets:
+    """The top ``k`` singular triplets of an operator: ``A right[i] = values[i] · left[i]`` (unit vectors)."""
 
-    Returns the top Ritz value θ, its Ritz vector (unit) and the residual norm ``‖gram(y) − θ y‖``.
-    """
-    basis = [v]
-    alphas: list[torch.Tensor] = []
-    betas: list[torch.Tensor] = []
-    beta = v.new_zeros(())
-    for j in range(steps):
-        w = gram(basis[j])
-        alpha = (w * basis[j]).sum()
-        alphas.append(alpha)
-        stacked = torch.stack([b.flatten() for b in basis])
-        for _ in range(2):  # classical Gram-Schmidt twice: numerically orthogonal basis
-            w = w - (stacked.T @ (stacked @ w.flatten())).reshape(w.shape)
-        beta = w.norm()
-        if j == steps - 1 or beta <= 1e-12 * alpha.abs().clamp_min(1e-300):
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    k = len(alphas)
-    t = torch.diag(torch.stack(alphas))
-    if k > 1:
-        off = torch.stack(betas[: k - 1])
-        t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    theta, s = torch.linalg.eigh(t)
-    top = s[:, -1]
-    y = sum(c * b for c, b in zip(top, basis[:k]))
-    y = y / y.norm()
-    residual = float(beta * top[-1].abs()) if k == steps else 0.0
-    return float(theta[-1]), y, residual
+    values: torch.Tensor  # (k,) float64, descending
+    right: torch.Tensor  # (k, *input_shape): unit inputs v_i
+    left: torch.Tensor  # (k, *output_shape): unit outputs u_i
+    residuals: torch.Tensor  # (k,) ‖Aᵀu_i − σ_i v_i‖: some singular value lies within it of σ_i
+    products: int  # operator applications (forward + adjoint, per vector)
+    converged: bool
+
+
+def _orthonormalize(block: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """Columns of ``block`` (n × b) made orthogonal to ``basis`` (n × m, orthonormal) and to each other (twice-
+    repeated classical Gram-Schmidt, then QR); directions that vanish numerically are dropped."""
+    scale = float(block.norm(dim=0).max()) if block.numel() else 0.0
+    for _ in range(2):
+        if block.shape[1] == 0 or scale == 0.0:
+            return block[:, :0]
+        if basis is not None and basis.shape[1]:
+            block = block - basis @ (basis.T @ block)
+        q, r = torch.linalg.qr(block)
+        diag = torch.diagonal(r)
+        keep = diag.abs() > 1e-10 * scale
+        block = (q * torch.where(diag < 0, -1.0, 1.0).to(q.dtype))[:, keep]
+        scale = 1.0
+    return block
 
 
 @torch.no_grad()
+def top_singular(
+    layer: nn.Module | Operator,
+    input_shape: Sequence[int] | None = None,
+    k: int = 1,
+    *,
+    tol: float = 1e-4,
+    max_restarts: int = 50,
+    block: int | None = None,
+    krylov: int | None = None,
+    start: torch.Tensor | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> Triplets:
+    """Top ``k`` singular values and vectors of a layer as it runs (zero padding, stride, dilation): PowerQR.
+
+    Subspace iteration with QR (Boroojeny et al. 2024) on ``AᵀA``, accelerated by a block Krylov space: each round
+    orthonormalises ``X, AᵀA X, (AᵀA)² X, …`` (``krylov`` blocks of ``block`` vectors, QR against everything
+    before), takes the Rayleigh–Ritz triplets from the SVD of ``A Q`` (singular values directly, no squared
+    condition number) and restarts from the top ``block`` right Ritz vectors.  It stops when every one of the top
+    ``k`` triplets has ``‖Aᵀu − σv‖ ≤ tol·σ`` (``Av = σu`` holds by construction), so each σ_i is within
+    ``tol·σ_i`` of a singular value of ``A``; ``converged`` says whether that happened within ``max_restarts``.
+
+    ``layer`` is an ``nn.Conv2d``/``TTConv2d`` with ``input_shape`` its input ``(H, W)`` (or ``(C, H, W)``), an
+    ``nn.Linear``, or an :class:`Operator`.  ``start`` (``(j, *input_shape)``, e.g. the ``right`` vectors of an
+    earlier call) warm-starts the block; the rest is drawn from ``seed``.
+    """
+    op = _as_operator(layer, input_shape)
+    ref = PowerIteration._reference(op)
+    device = ref.device if ref is not None else torch.device("cpu")
+    shape = tuple(int(d) for d in op.input_shape)
+    n = math.prod(shape)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    k = min(k, n)
+    p = min(n, block if block is not None else (k if k == 1 else k + max(2, k // 2)))
+    if p < k:
+        raise ValueError(f"block ({p}) must be at least k ({k})")
+    steps = krylov if krylov is not None else (24 if p == 1 else max(3, 48 // p))
+    steps = max(2, min(steps, n // p + 1))
+
+    def forward(cols: torch.Tensor) -> torch.Tensor:  # (n, b) → (m, b)
+        out = op.forward(cols.T.reshape(-1, *shape))
+        return out.reshape(cols.shape[1], -1).T
+
+    def adjoint(cols: torch.Tensor) -> torch.Tensor:  # (m, b) → (n, b)
+        back = op.adjoint(cols.T.reshape(-1, *out_shape))
+        return back.reshape(cols.shape[1], -1).T
+
+    probe = op.forward(torch.zeros(1, *shape, dtype=dtype, device=device))
+    out_shape = tuple(probe.shape[1:])
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + 7919) & 0x7FFF_FFFF_FFFF)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    if start is not None:
+        warm = start.reshape(len(start), -1)[:p].T.to(device=device, dtype=dtype)
+        x[:, : warm.shape[1]] = warm
+    x = _orthonormalize(x, None)
+    products = 0
+    values = residuals = right = left = None
+    converged = False
+    for _ in range(max(1, max_restarts)):
+        blocks = [x]
+        basis = x
+        for _ in range(steps - 1):
+            if basis.shape[1] >= n:
+                break
+            nxt = _orthonormalize(adjoint(forward(blocks[-1])), basis)
+            products += 2 * blocks[-1].shape[1]
+            if nxt.shape[1] == 0:  # an invariant subspace: the Ritz values are exact
+                break
+            blocks.append(nxt)
+            basis = torch.cat([basis, nxt], dim=1)
+        image = forward(basis)  # (m, b)
+        products += basis.shape[1]
+        u, s, wh = torch.linalg.svd(image, full_matrices=False)
+        top = min(p, len(s))
+        v = basis @ wh[:top].T  # right Ritz vectors (n, top)
+        u = u[:, :top]
+        s = s[:top]
+        back = adjoint(u)
+        products += top
+        res = (back - v * s).norm(dim=0)
+        values, residuals, right, left = s, res, v, u
+        kk = min(k, top)
+        if bool((res[:kk] <= tol * s[:kk].clamp_min(torch.finfo(dtype).tiny)).all()) or float(s[0]) == 0.0:
+            converged = True
+            break
+        x = v if v.shape[1] == p else _orthonormalize(torch.cat([v, torch.randn(n, p - v.shape[1], generator=g,
+                                                                             dtype=torch.float64).to(v)], 1), None)
+    kk = min(k, len(values))
+    return Triplets(
+        values=values[:kk].double().cpu(),
+        right=right[:, :kk].T.reshape(kk, *shape),
+        left=left[:, :kk].T.reshape(kk, *out_shape),
+        residuals=residuals[:kk].double().cpu(),
+        products=products,
+        converged=converged,
+    )
+
+
+def _as_operator(layer: nn.Module | Operator, input_shape: Sequence[int] | None) -> Operator:
+    if isinstance(layer, nn.Linear):
+        return LinearMap(layer.weight.detach())
+    if isinstance(layer, nn.Module):
+        if input_shape is None:
+            raise ValueError("give the layer's input size (H, W)")
+        takes = int(getattr(layer, "in_channels", 0))
+        if len(input_shape) == 3 and takes and int(input_shape[0]) != takes:
+            raise ValueError(f"input has {input_shape[0]} channels but the layer takes {takes}")
+        return conv_operator(layer, input_shape)
+    return layer
+
+
 def sigma_max_power(
     layer: nn.Module | Operator,
     input_shape: Sequence[int] | None = None,
@@ -242,39 +352,12 @@ def sigma_max_power(
     dtype: torch.dtype = torch.float64,
     krylov: int = 24,
 ) -> float:
-    """σmax of a layer as it runs, to relative accuracy ``tol``: power iteration accelerated by Lanczos.
+    """σmax of a layer as it runs, to relative accuracy ``tol``: :func:`top_singular` with ``k = 1`` (a single
+    vector: restarted Lanczos on ``AᵀA``, ``krylov`` steps per round, at most ``iters`` rounds).
 
-    ``layer`` is an ``nn.Conv2d``/``TTConv2d`` (then ``input_shape`` is its input ``(H, W)``, or ``(C, H, W)``
-    with C checked), an ``nn.Linear``, or an :class:`Operator`.  Plain power iteration needs thousands of steps on
-    conv operators, whose top singular values cluster (σ(f) is continuous in the frequency); the Krylov space of
-    the same products ``AᵀA v`` converges in a few dozen.  Each round runs ``krylov`` Lanczos steps on ``AᵀA``
-    and restarts from the top Ritz vector; it stops when the Ritz residual certifies an eigenvalue of ``AᵀA``
-    within ``tol·θ`` of the Ritz value θ (then σ = √θ is within ``tol/2``), after at most ``iters`` rounds.
+    Plain power iteration needs thousands of steps on conv operators, whose top singular values cluster (σ(f) is
+    continuous in the frequency); the Krylov space of the same products ``AᵀA v`` converges in a few dozen.
     """
-    if isinstance(layer, nn.Linear):
-        op: Operator = LinearMap(layer.weight.detach())
-    elif isinstance(layer, nn.Module):
-        if input_shape is None:
-            raise ValueError("give the layer's input size (H, W)")
-        takes = int(getattr(layer, "in_channels", 0))
-        if len(input_shape) == 3 and takes and int(input_shape[0]) != takes:
-            raise ValueError(f"input has {input_shape[0]} channels but the layer takes {takes}")
-        op = conv_operator(layer, input_shape)
-    else:
-        op = layer
-    ref = PowerIteration._reference(op)
-    device = ref.device if ref is not None else torch.device("cpu")
-    v = _seeded_unit(op.input_shape, seed, "sigma_max_power", device, dtype)
-    size = v.numel()
-
-    def gram(x: torch.Tensor) -> torch.Tensor:
-        return op.adjoint(op.forward(x))
-
-    theta = 0.0
-    for _ in range(max(1, iters)):
-        theta, v, residual = _lanczos_top(gram, v, min(krylov, size))
-        if theta <= 0.0:
-            return 0.0
-        if residual <= tol * theta:
-            break
-    return float(op.forward(v).norm())
+    found = top_singular(layer, input_shape, 1, tol=tol, max_restarts=iters, block=1, krylov=krylov, seed=seed,
+                         dtype=dtype)
+    return float(found.values[0])
