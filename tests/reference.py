@@ -37,3 +37,27 @@ def periodic_matrix(kernel: torch.Tensor, input_size, stride=(1, 1), dilation=(1
 
 def dense_singular_values(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(matrix.double())
+
+
+def periodic_conv_nd(x: torch.Tensor, kernel: torch.Tensor, stride=None, dilation=None) -> torch.Tensor:
+    """Circular cross-correlation in any number of spatial dims, written tap by tap:
+    ``y[o, i] = Σ_c Σ_a W[o, c, a] x[c, (s·i + d·a) mod n]`` for multi-indices ``i``, ``a``; ``x`` is (N, Cin, *n)."""
+    import itertools
+
+    dims = kernel.ndim - 2
+    stride = (1,) * dims if stride is None else tuple(stride)
+    dilation = (1,) * dims if dilation is None else tuple(dilation)
+    spatial = tuple(range(-dims, 0))
+    sample = (Ellipsis, *(slice(None, None, s) for s in stride))
+    out = 0
+    for a in itertools.product(*(range(k) for k in kernel.shape[2:])):
+        shifted = torch.roll(x, shifts=tuple(-d * i for d, i in zip(dilation, a)), dims=spatial)
+        tap = kernel[(slice(None), slice(None), *a)]
+        out = out + torch.tensordot(shifted[sample], tap, dims=([1], [1])).movedim(-1, 1)
+    return out
+
+
+def periodic_matrix_nd(kernel: torch.Tensor, input_size, stride=None, dilation=None) -> torch.Tensor:
+    """Dense matrix of the circular strided conv with ``kernel`` (Cout, Cin, *k) on ``input_size`` inputs."""
+    k = kernel.double()
+    return operator_matrix(lambda x: periodic_conv_nd(x, k, stride, dilation), (kernel.shape[1], *input_size))

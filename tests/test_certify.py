@@ -155,3 +155,8 @@ def test_registry_and_paper_compression_ratios():
 def test_registry_build_runs():
     model = archs.build("lipconvnet-5")
     assert isinstance(model.net, LipConvNet) and model.normalization["std"] == [0.2507] * 3
+
+
+def test_certified_accuracy_is_an_exact_fraction():
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    assert certified_accuracy(logits, torch.tensor([0, 1, 1]), 1.0, 0.5) == 2 / 3

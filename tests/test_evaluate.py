@@ -91,8 +91,8 @@ def _acc(model, images_nhwc, labels):
 
 
 def test_metric_names(model, data):
-    assert METRICS == ("accuracy", "ece", "cifar-c", "autoattack", "lipschitz")
-    with pytest.raises(UserError, match="accuracy, ece, cifar-c, autoattack, lipschitz"):
+    assert METRICS == ("accuracy", "ece", "cifar-c", "autoattack", "lipschitz", "certified")
+    with pytest.raises(UserError, match="accuracy, ece, cifar-c, autoattack, lipschitz, certified"):
         evaluate(model, data, metrics=("accuracy", "top5"))
 
 
@@ -236,3 +236,127 @@ def test_report_files(tmp_path, model, data, fake_corruptions):
     plain = tmp_path / "plain"
     evaluate(model, data, metrics=("accuracy",), out_dir=plain)
     assert sorted(p.name for p in plain.iterdir()) == ["eval.json"]
+
+
+# --- certified robust accuracy ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lip_model():
+    """A tiny untrained LipConvNet behind a normalisation (std 0.25 multiplies its Lipschitz bound by 4)."""
+    from ttcompress.archs import Normalized
+    from ttcompress.archs.lipconvnet import LipConvNet
+
+    torch.manual_seed(0)
+    return Normalized(LipConvNet(5, num_classes=10, base_channels=4), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).eval()
+
+
+@pytest.fixture
+def lip_data(lip_model):
+    """32×32 images labelled with the model's prediction on even indices and a wrong class on odd ones."""
+    x = torch.from_numpy(np.random.default_rng(3).integers(0, 256, size=(12, 3, 32, 32), dtype=np.uint8))
+    with torch.no_grad():
+        pred = lip_model(x.float() / 255).argmax(1)
+    y = pred.clone()
+    y[1::2] = (y[1::2] + 1) % 10
+    return ImageSet(x, y, 10, None, "synthetic")
+
+
+def _certified_by_hand(logits, labels, lipschitz, radius):
+    """Independent count: sort each row, margin = top − second, certified iff correct and margin > √2·L·ε."""
+    ordered = logits.double().sort(dim=1, descending=True).values
+    margin = ordered[:, 0] - ordered[:, 1]
+    correct = logits.argmax(1) == labels
+    return float((correct & (margin > 2 ** 0.5 * lipschitz * radius)).double().mean()), margin, correct
+
+
+def test_certified_accuracy_matches_margins_by_hand(lip_model, lip_data):
+    from ttcompress.archs.lipconvnet import LipConvNet
+
+    logits = predict(lip_model, lip_data)
+    # the bound by hand: product of the layers' certified bounds, times 1/std of the normalisation
+    inner = lip_model.net
+    assert isinstance(inner, LipConvNet)
+    lipschitz = 4.0 * float(np.prod([layer.lipschitz_bound() for layer in inner.chain()]))
+    _, margin, correct = _certified_by_hand(logits, lip_data.labels, lipschitz, 0.0)
+    # a radius between the certified radii of the correctly classified images: some pass, some do not
+    radii = (margin[correct] / (2 ** 0.5 * lipschitz)).sort().values
+    assert len(radii) >= 2 and radii[0] < radii[-1]
+    radius = float((radii[len(radii) // 2 - 1] + radii[len(radii) // 2]) / 2)
+    expected, _, _ = _certified_by_hand(logits, lip_data.labels, lipschitz, radius)
+    assert 0 < expected < 0.5  # half the labels are wrong: at most 1/2, and the radius cuts the correct ones
+
+    out = evaluate(lip_model, lip_data, metrics="accuracy,certified", cert_radius=radius, batch_size=5)
+    assert set(out) == {"n", "accuracy", "certified"}
+    cert = out["certified"]
+    assert set(cert) == {"norm", "radius", "lipschitz", "clean_accuracy", "certified_accuracy"}
+    assert cert["norm"] == "L2" and cert["radius"] == radius
+    assert cert["lipschitz"] == pytest.approx(lipschitz, rel=1e-12)
+    assert cert["clean_accuracy"] == out["accuracy"] == 0.5
+    assert cert["certified_accuracy"] == pytest.approx(expected, abs=1e-12)
+    json.dumps(out)
+    # the default radius is the papers' 36/255; radius 0 certifies every correct image with a nonzero margin
+    default = evaluate(lip_model, lip_data, metrics=["certified"])["certified"]
+    assert default["radius"] == pytest.approx(36 / 255)
+    assert default["certified_accuracy"] == pytest.approx(
+        _certified_by_hand(logits, lip_data.labels, lipschitz, 36 / 255)[0], abs=1e-12)
+    zero = evaluate(lip_model, lip_data, metrics=["certified"], cert_radius=0.0)["certified"]
+    assert zero["certified_accuracy"] == pytest.approx(float((correct & (margin > 0)).double().mean()))
+
+
+def test_certified_needs_a_certified_network(model, data):
+    with pytest.raises(UserError, match="cannot certify robustness: no certified Lipschitz bound for TinyCNN"):
+        evaluate(model, data, metrics="accuracy,certified")
+    from ttcompress.archs.lipconvnet import LipConvNet
+
+    with pytest.raises(UserError, match="non-negative"):
+        evaluate(LipConvNet(5, base_channels=4), data, metrics="certified", cert_radius=-0.1)
+
+
+def test_eval_cli_certified(tmp_path, lip_model, lip_data):
+    """`ttcompress eval --metrics certified` on a saved tiny LipConvNet (file arch), JSON and table; a ResNet is
+    refused in one line with exit code 2."""
+    from typer.testing import CliRunner
+
+    import ttcompress.cli.evaluate  # noqa: F401
+    from ttcompress import checkpoint as ck
+    from ttcompress.cli import app
+
+    arch = tmp_path / "tiny_lip.py"
+    arch.write_text(
+        "from ttcompress.archs.lipconvnet import LipConvNet\n\n\n"
+        "class TinyLip(LipConvNet):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(5, num_classes=10, base_channels=4)\n"
+    )
+    spec = f"{arch}:TinyLip"
+    model_path = tmp_path / "lip.safetensors"
+    meta = ck.ModelMeta(arch=spec, normalization=lip_model.normalization, input_size=[3, 32, 32], num_classes=10)
+    ck.save(ck.LoadedModel(lip_model, meta), model_path)
+    data_path = tmp_path / "data.npz"
+    np.savez(data_path, x=lip_data.images.permute(0, 2, 3, 1).contiguous().numpy(), y=lip_data.labels.numpy())
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(model_path), "--data", str(data_path), "--metrics", "accuracy,certified",
+                              "--cert-radius", "1/255", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    logits = predict(lip_model, lip_data)
+    expected, _, _ = _certified_by_hand(logits, lip_data.labels, doc["certified"]["lipschitz"], 1 / 255)
+    assert doc["certified"]["radius"] == pytest.approx(1 / 255)
+    assert doc["certified"]["certified_accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert doc["accuracy"] == 0.5
+    table = runner.invoke(app, ["eval", str(model_path), "--data", str(data_path), "--metrics", "certified"])
+    assert table.exit_code == 0 and "certified L2 radius 0.1412" in table.stdout
+    bad = runner.invoke(app, ["eval", str(model_path), "--data", str(data_path), "--metrics", "certified",
+                              "--cert-radius", "-1"])
+    assert bad.exit_code == 2 and "--cert-radius must be non-negative" in bad.output
+
+    r20 = tmp_path / "r20.pt"
+    from ttcompress import archs
+
+    torch.save(archs.build("resnet20").net.state_dict(), r20)
+    refused = runner.invoke(app, ["eval", str(r20), "--arch", "resnet20", "--data", str(data_path), "--metrics",
+                                  "certified"])
+    assert refused.exit_code == 2
+    assert "cannot certify robustness" in refused.output and "Traceback" not in refused.output
+    assert len(refused.output.strip().splitlines()) == 1

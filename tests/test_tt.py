@@ -136,3 +136,31 @@ def test_decompose_rejects_bad_rank_and_energy():
         decompose(net, energy=1.5)
     with pytest.raises(UserError):
         decompose(net, energy=0.0)
+
+
+def test_conv_layers_and_tt_structure_in_every_dimension():
+    """conv_layers lists Conv1d/2d/3d and TT layers; apply_tt_structure picks the TT class from the dense conv it
+    replaces, so {name: [r1, r2]} metadata (the 2-D format) restores 1-D and 3-D layers too."""
+    from ttcompress.errors import UserError
+    from ttcompress.tt import TTConv1d, TTConv3d, apply_tt_structure, tt_ranks
+
+    def build():
+        return nn.ModuleDict({
+            "a": nn.Conv1d(4, 6, 3), "b": nn.Conv2d(4, 6, 3, stride=2), "c": nn.Conv3d(4, 6, 3, padding=1),
+            "t": nn.ConvTranspose2d(4, 4, 3), "fc": nn.Linear(3, 3),
+        })
+
+    net = build()
+    assert [n for n, _ in conv_layers(net)] == ["a", "b", "c"]  # transposed convs are not convs here
+    decompose(net, rank=2)
+    assert [type(net[k]) for k in "abc"] == [TTConv1d, TTConv2d, TTConv3d]
+    assert [n for n, _ in conv_layers(net)] == ["a", "b", "c"]  # TT children are not listed
+    ranks = tt_ranks(net)
+    assert ranks == {"a": [2, 2], "b": [2, 2], "c": [2, 2]}
+    fresh = build()
+    apply_tt_structure(fresh, ranks)
+    assert [type(fresh[k]) for k in "abc"] == [TTConv1d, TTConv2d, TTConv3d]
+    assert fresh["b"].stride == (2, 2) and fresh["c"].padding == (1, 1, 1)
+    fresh.load_state_dict(net.state_dict())
+    with pytest.raises(UserError, match="not a Conv1d/2d/3d"):
+        apply_tt_structure(build(), {"fc": [1, 1]})

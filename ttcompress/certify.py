@@ -56,7 +56,7 @@ def certified_accuracy(
     logits = logits.detach()
     correct = logits.argmax(1) == labels.to(logits.device)
     certified = correct & (logit_margins(logits) > math.sqrt(2) * lipschitz * radius)
-    return float(certified.float().mean())
+    return float(certified.double().mean())
 
 
 @torch.no_grad()

@@ -76,9 +76,10 @@ class LoadedModel:
         return self.model.net
 
     @property
-    def input_size(self) -> tuple[int, int, int]:
-        c, h, w = self.meta.input_size
-        return (c, h, w)
+    def input_size(self) -> tuple[int, ...]:
+        """Shape of one input without the batch dim: ``(C, H, W)`` for images, ``(C, L)`` / ``(C, D, H, W)`` for
+        1-D / 3-D models."""
+        return tuple(int(v) for v in self.meta.input_size)
 
 
 # --- reading ------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""One-call evaluation of a classifier: accuracy, calibration, corruption robustness, AutoAttack, Lipschitz.
+"""One-call evaluation of a classifier: accuracy, calibration, corruption robustness, AutoAttack, Lipschitz,
+certified robustness.
 
 :func:`evaluate` returns a JSON-able document (only the metrics asked for are present; accuracies are fractions)::
 
@@ -6,7 +7,13 @@
      "cifar_c": {"source": "official" | "generated", "mean": float | None, "mean_extra": float | None,
                  "corruptions": {NAME: {"1": acc, ..., "5": acc}}},
      "autoattack": {"norm", "eps", "n", "version", "clean_accuracy", "robust_accuracy", "package"},
-     "lipschitz": {"max", "mean", "radius"}}
+     "lipschitz": {"max", "mean", "radius"},
+     "certified": {"norm": "L2", "radius", "lipschitz", "clean_accuracy", "certified_accuracy"}}
+
+``certified`` is provable robust accuracy (:mod:`ttcompress.certify`): the share of images classified correctly with
+a logit margin above ``√2·L·radius``, ``L`` the network's certified L2 Lipschitz bound (LipConvNet / SOC networks,
+normalisation included).  A network without such a bound makes :func:`evaluate` fail with a
+:class:`~ttcompress.errors.UserError` before anything is computed.
 
 With ``out_dir`` it also writes ``eval.json``, ``reliability.png`` (when ECE is asked for) and ``cifar_c.png``
 (when CIFAR-C is asked for).
@@ -25,13 +32,14 @@ import torch
 
 from . import progress as _progress
 from .data import ImageSet, check_compatible, load_cifar_c
+from .certify import DEFAULT_RADIUS, certified_accuracy, network_lipschitz_bound
 from .errors import DataError, UserError
 from .metrics import accuracy, autoattack, ece, empirical_lipschitz, predict, reliability
 from .progress import Progress
 
 __all__ = ["evaluate", "METRICS", "write_report", "plot_reliability", "plot_cifar_c"]
 
-METRICS = ("accuracy", "ece", "cifar-c", "autoattack", "lipschitz")
+METRICS = ("accuracy", "ece", "cifar-c", "autoattack", "lipschitz", "certified")
 
 
 def _normalise_metrics(metrics: Sequence[str] | str) -> list[str]:
@@ -160,6 +168,7 @@ def evaluate(
     eps: float = 8 / 255,
     attack_version: str = "standard",
     radius: float = 0.5,
+    cert_radius: float = DEFAULT_RADIUS,
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
     progress: Progress | None = None,
@@ -167,12 +176,21 @@ def evaluate(
     """Evaluate ``model`` on the first ``n`` images of ``data`` (all when ``None``); see the module doc for the
     returned document.  ``cifar-c`` uses the official release in ``cifar_c_dir`` (the first ``n`` images of each
     severity block) or, without it, corrupts the evaluation images with :mod:`ttcompress.corruptions`
-    (``corruptions`` names them, default all) seeded by ``seed``."""
+    (``corruptions`` names them, default all) seeded by ``seed``.  ``radius`` is the FGSM step of the empirical
+    Lipschitz estimate, ``cert_radius`` the L2 radius of ``certified`` (default 36/255, as in the papers)."""
     wanted = _normalise_metrics(metrics)
     if batch_size <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")
     if n is not None and n <= 0:
         raise UserError(f"n must be positive, got {n}")
+    lipschitz = None
+    if "certified" in wanted:
+        if not cert_radius >= 0:
+            raise UserError(f"the certified radius must be non-negative, got {cert_radius}")
+        try:
+            lipschitz = network_lipschitz_bound(model)
+        except UserError as exc:  # no certified bound: say so before any work is done
+            raise UserError(f"cannot certify robustness: {exc}") from None
     prog = _progress.ensure(progress)
     model = model.to(device)
     check_compatible(data, model, device)
@@ -180,12 +198,21 @@ def evaluate(
     result: dict = {"n": len(subset)}
 
     logits = None
-    if "accuracy" in wanted or "ece" in wanted:
+    if "accuracy" in wanted or "ece" in wanted or "certified" in wanted:
         logits = predict(model, subset, batch_size, device, progress=prog, description="clean accuracy")
         if "accuracy" in wanted:
             result["accuracy"] = accuracy(logits, subset.labels)
         if "ece" in wanted:
             result["ece"] = ece(logits, subset.labels)
+        if "certified" in wanted:
+            assert lipschitz is not None
+            result["certified"] = {
+                "norm": "L2",
+                "radius": float(cert_radius),
+                "lipschitz": float(lipschitz),
+                "clean_accuracy": accuracy(logits, subset.labels),
+                "certified_accuracy": certified_accuracy(logits, subset.labels, lipschitz, cert_radius),
+            }
 
     if "cifar-c" in wanted:
         result["cifar_c"] = _cifar_c(

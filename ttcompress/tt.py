@@ -1,17 +1,20 @@
-"""Tensor-train (TT) convolutions: ``last ∘ core ∘ first`` with orthonormal outer frames.
+"""Tensor-train (TT) convolutions: ``last ∘ core ∘ first`` with orthonormal outer frames, in 1, 2 or 3 spatial dims.
 
-A conv kernel ``W`` (Cout, Cin, kh, kw) is written as ``W[o,c,i,j] = Σ_{a,b} L[o,b] G[b,a,i,j] F[a,c]``: the TT
-decomposition with the filter modes merged into one core (equivalently Tucker-2).  ``F`` (r1×Cin) runs as a 1×1
-conv ``first``, ``G`` as the k×k conv ``core`` (the layer's stride/padding/dilation), ``L`` (Cout×r2) as the 1×1
-conv ``last`` carrying the original bias.  With orthonormal frames the layer's nonzero singular values are those of
-the core (Theorem 3.2), which is what makes exact control affordable.
+A conv kernel ``W`` (Cout, Cin, *k) is written as ``W[o,c,i] = Σ_{a,b} L[o,b] G[b,a,i] F[a,c]`` (``i`` the
+multi-index of a filter tap): the TT decomposition with the filter modes merged into one core (equivalently
+Tucker-2).  ``F`` (r1×Cin) runs as a 1×1 conv ``first``, ``G`` as the k×k conv ``core`` (the layer's
+stride/padding/dilation), ``L`` (Cout×r2) as the 1×1 conv ``last`` carrying the original bias.  With orthonormal
+frames the layer's nonzero singular values are those of the core (Theorem 3.2), which is what makes exact control
+affordable.  :class:`TTConv1d`, :class:`TTConv2d` and :class:`TTConv3d` replace ``nn.Conv1d/2d/3d``; they share
+:class:`TTConv`, which is what code that works in any dimension should test for.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -19,36 +22,49 @@ from torch import nn
 from ttcompress import kernel as K
 from ttcompress.errors import UserError
 
+DENSE_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-class TTConv2d(nn.Module):
-    """``last(core(first(x)))``; behaves like the ``nn.Conv2d`` it replaces (same attributes, same output)."""
+
+class TTConv(nn.Module):
+    """``last(core(first(x)))``; behaves like the ``nn.ConvNd`` it replaces (same attributes, same output).
+
+    Subclasses fix the number of spatial dims (``dims``) and the ``nn.ConvNd`` class of the three convs; the state
+    dict keys are ``first.weight``, ``core.weight``, ``last.weight`` and ``last.bias`` in every dimension.
+    """
+
+    dims: ClassVar[int]
+    conv_class: ClassVar[type[nn.Module]]
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int | tuple[int, int],
+        kernel_size: int | tuple[int, ...],
         ranks: tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
+        if type(self) is TTConv:
+            raise TypeError("TTConv is abstract: use TTConv1d, TTConv2d or TTConv3d (or tt_class(dims))")
         r1, r2 = ranks
+        d = self.dims
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = K.pair(kernel_size)
-        self.stride, self.dilation = K.pair(stride), K.pair(dilation)
-        self.padding = padding if isinstance(padding, str) else K.pair(padding)
+        self.kernel_size = K.ntuple(kernel_size, d)
+        self.stride, self.dilation = K.ntuple(stride, d), K.ntuple(dilation, d)
+        self.padding = padding if isinstance(padding, str) else K.ntuple(padding, d)
         self.padding_mode = padding_mode
         self.groups = 1
-        self.first = nn.Conv2d(in_channels, r1, 1, bias=False)
-        self.core = nn.Conv2d(
+        conv = self.conv_class
+        self.first = conv(in_channels, r1, 1, bias=False)
+        self.core = conv(
             r1, r2, self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
             bias=False, padding_mode=padding_mode,
         )
-        self.last = nn.Conv2d(r2, out_channels, 1, bias=bias)
+        self.last = conv(r2, out_channels, 1, bias=bias)
 
     @property
     def ranks(self) -> tuple[int, int]:
@@ -62,7 +78,7 @@ class TTConv2d(nn.Module):
         return self.last(self.core(self.first(x)))
 
     def dense_weight(self) -> torch.Tensor:
-        """The equivalent ``(Cout, Cin, kh, kw)`` kernel."""
+        """The equivalent ``(Cout, Cin, *k)`` kernel."""
         return K.compose_tt(K.as_matrix(self.first.weight), self.core.weight, K.as_matrix(self.last.weight))
 
     def frames(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +86,22 @@ class TTConv2d(nn.Module):
         columns)."""
         return K.as_matrix(self.first.weight), K.as_matrix(self.last.weight)
 
+    def orthogonal_terms(self) -> tuple[torch.Tensor, int]:
+        """``(Σ‖MMᵀ − I‖²_F, entries)`` over both frames, each on its smaller side (the side that can be
+        orthonormal): the layer's share of the orthogonal loss (paper eq. 11).  Differentiable."""
+        total, entries = None, 0
+        for frame in self.frames():
+            m = frame if frame.shape[0] <= frame.shape[1] else frame.T
+            gram = m @ m.T
+            dev = ((gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)) ** 2).sum()
+            total = dev if total is None else total + dev
+            entries += gram.numel()
+        assert total is not None
+        return total, entries
+
     @torch.no_grad()
     def set_factors(self, first: torch.Tensor, core: torch.Tensor, last: torch.Tensor) -> None:
-        """Write factors (F: r1×Cin, G: r2×r1×kh×kw, L: Cout×r2), zero-padding ranks that came out smaller."""
+        """Write factors (F: r1×Cin, G: r2×r1×k…, L: Cout×r2), zero-padding ranks that came out smaller."""
         r1, r2 = self.ranks
         f = first.new_zeros(r1, self.in_channels)
         f[: first.shape[0]] = first
@@ -80,13 +109,45 @@ class TTConv2d(nn.Module):
         g[: core.shape[0], : core.shape[1]] = core
         ell = last.new_zeros(self.out_channels, r2)
         ell[:, : last.shape[1]] = last
-        self.first.weight.copy_(K.as_1x1(f))
+        self.first.weight.copy_(K.as_1x1(f, self.dims))
         self.core.weight.copy_(g)
-        self.last.weight.copy_(K.as_1x1(ell))
+        self.last.weight.copy_(K.as_1x1(ell, self.dims))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ranks={self.ranks}, "
                 f"stride={self.stride}")
+
+
+class TTConv1d(TTConv):
+    """TT form of an ``nn.Conv1d``: ``(Cout, Cin, k)`` kernels."""
+
+    dims = 1
+    conv_class = nn.Conv1d
+
+
+class TTConv2d(TTConv):
+    """TT form of an ``nn.Conv2d``: ``(Cout, Cin, kh, kw)`` kernels."""
+
+    dims = 2
+    conv_class = nn.Conv2d
+
+
+class TTConv3d(TTConv):
+    """TT form of an ``nn.Conv3d``: ``(Cout, Cin, kd, kh, kw)`` kernels (volumetric data)."""
+
+    dims = 3
+    conv_class = nn.Conv3d
+
+
+_TT_CLASSES: dict[int, type[TTConv]] = {1: TTConv1d, 2: TTConv2d, 3: TTConv3d}
+
+
+def tt_class(dims: int) -> type[TTConv]:
+    """The TT layer class for ``dims`` spatial dims (1, 2 or 3)."""
+    try:
+        return _TT_CLASSES[dims]
+    except KeyError:
+        raise ValueError(f"TT layers exist for 1, 2 or 3 spatial dims, not {dims}") from None
 
 
 def _positive_qr(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,11 +161,12 @@ def _positive_qr(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q * d, r * d.unsqueeze(1)
 
 
-def orthonormal_factors(layer: TTConv2d, dtype: torch.dtype = torch.float64):
+def orthonormal_factors(layer: TTConv, dtype: torch.dtype = torch.float64):
     """QR of both frames with the triangular factors folded into the core (Alg. 1, steps 1–3).
 
     Returns ``(Qf, G', Ql)`` with ``Qf`` (r1'×Cin) orthonormal rows, ``Ql`` (Cout×r2') orthonormal columns and
-    ``compose_tt(Qf, G', Ql) == layer.dense_weight()``; r1' = min(r1, Cin), r2' = min(r2, Cout).
+    ``compose_tt(Qf, G', Ql) == layer.dense_weight()``; r1' = min(r1, Cin), r2' = min(r2, Cout).  Any number of
+    spatial dims.
     """
     f, ell = (t.detach().to(dtype) for t in layer.frames())
     qf, rf = _positive_qr(f.T)  # F = Rfᵀ Qfᵀ
@@ -139,7 +201,7 @@ def _left_singular(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class TTFactors:
     first: torch.Tensor  # (r1, Cin), orthonormal rows
-    core: torch.Tensor  # (r2, r1, kh, kw)
+    core: torch.Tensor  # (r2, r1, *k)
     last: torch.Tensor  # (Cout, r2), orthonormal columns
 
     @property
@@ -155,20 +217,23 @@ def tt_svd(
 ) -> TTFactors:
     """TT-SVD of one kernel, then ``refine`` alternating sweeps (HOOI) that can only lower the error.
 
-    Step 1: SVD of the Cin × (kh·kw·Cout) unfolding → ``first`` = top-r1 left singular vectors (transposed).
-    Step 2: SVD of the (r1·kh·kw) × Cout unfolding of the remainder → ``last`` = top-r2 right singular vectors.
+    ``weight`` is ``(Cout, Cin, *k)`` with 1, 2 or 3 spatial dims (``∏k`` below is the number of taps).
+    Step 1: SVD of the Cin × (∏k·Cout) unfolding → ``first`` = top-r1 left singular vectors (transposed).
+    Step 2: SVD of the (r1·∏k) × Cout unfolding of the remainder → ``last`` = top-r2 right singular vectors.
     The TT-SVD result already has the optimal core for its frames (it is ``W ×_in FᵀF ×_out LLᵀ``), so each sweep
     (best frame given the other) never increases ‖W − W_tt‖.  Computed in float64.
     """
     if (rank is None) == (energy is None):
         raise UserError("give exactly one of --rank and --energy")
     w = weight.detach().double()
-    cout, cin, kh, kw = w.shape
+    if w.ndim < 3:
+        raise ValueError(f"expected a (Cout, Cin, *k) kernel, got shape {tuple(w.shape)}")
+    cout, cin = w.shape[:2]
     u1, s1 = _left_singular(K.unfold_input(w))
     r1 = min(rank, cin) if rank is not None else _rank_for_energy(s1, energy)  # type: ignore[arg-type]
     first = u1[:, :r1].T.contiguous()
-    remainder = K.apply_input_frame(w, first)  # (Cout, r1, kh, kw)
-    u2, s2 = _left_singular(K.unfold_output(remainder))  # right singular vectors of the (r1·kh·kw) × Cout one
+    remainder = K.apply_input_frame(w, first)  # (Cout, r1, *k)
+    u2, s2 = _left_singular(K.unfold_output(remainder))  # right singular vectors of the (r1·∏k) × Cout one
     r2 = min(rank, cout) if rank is not None else _rank_for_energy(s2, energy)  # type: ignore[arg-type]
     last = u2[:, :r2].contiguous()
     for _ in range(refine):
@@ -178,23 +243,26 @@ def tt_svd(
     return TTFactors(first, core, last)
 
 
-def tt_params(cin: int, cout: int, kh: int, kw: int, ranks: tuple[int, int], bias: bool) -> int:
+def tt_params(cin: int, cout: int, kernel_size: Iterable[int], ranks: tuple[int, int], bias: bool) -> int:
+    """Parameters of a TT layer with these channels, kernel size (one int per spatial dim) and ranks."""
     r1, r2 = ranks
-    return r1 * cin + r2 * r1 * kh * kw + cout * r2 + (cout if bias else 0)
+    return r1 * cin + r2 * r1 * math.prod(kernel_size) + cout * r2 + (cout if bias else 0)
 
 
 # --- whole networks -----------------------------------------------------------------------------------------------
 
 def conv_layers(net: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every ``nn.Conv2d`` and ``TTConv2d`` by module path (children of a TT layer are not listed separately)."""
+    """Every ``nn.Conv1d/2d/3d`` and TT layer (:class:`TTConv`) by module path, in ``named_modules`` order
+    (children of a TT layer are not listed separately).  Code that handles only some dimensions checks
+    :func:`ttcompress.kernel.spatial_dims` of each layer."""
     skip_prefixes: list[str] = []
     for name, module in net.named_modules():
         if any(name.startswith(p) for p in skip_prefixes):
             continue
-        if isinstance(module, TTConv2d):
+        if isinstance(module, TTConv):
             skip_prefixes.append(name + ".")
             yield name, module
-        elif isinstance(module, nn.Conv2d):
+        elif isinstance(module, DENSE_CONVS):
             yield name, module
 
 
@@ -240,8 +308,9 @@ class DecomposeReport:
         }
 
 
-def tt_from_conv(conv: nn.Conv2d, factors: TTFactors) -> TTConv2d:
-    layer = TTConv2d(
+def tt_from_conv(conv: nn.Module, factors: TTFactors) -> TTConv:
+    """The TT layer of the same dimension as ``conv`` (an ``nn.Conv1d/2d/3d``) with the given factors and its bias."""
+    layer = tt_class(K.spatial_dims(conv))(
         conv.in_channels, conv.out_channels, conv.kernel_size, factors.ranks, stride=conv.stride,
         padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
@@ -261,7 +330,8 @@ def decompose(
     skip: Iterable[str] = (),
     refine: int = 2,
 ) -> DecomposeReport:
-    """Replace, in place, every groups=1 ``nn.Conv2d`` of ``net`` that TT would shrink by a :class:`TTConv2d`.
+    """Replace, in place, every groups=1 ``nn.Conv1d/2d/3d`` of ``net`` that TT would shrink by the TT layer of the
+    same dimension (:class:`TTConv1d`, :class:`TTConv2d`, :class:`TTConv3d`).
 
     ``rank`` caps r1 ≤ min(rank, Cin), r2 ≤ min(rank, Cout); ``energy`` keeps that fraction of the squared singular
     values of each unfolding.  ``skip`` holds glob patterns of module names to leave dense.
@@ -274,11 +344,11 @@ def decompose(
     report = DecomposeReport()
     report.params_before = sum(p.numel() for p in net.parameters())
     for name, conv in list(conv_layers(net)):
-        cout, cin, kh, kw = (conv.out_channels, conv.in_channels, *conv.kernel_size)
+        cout, cin, size = conv.out_channels, conv.in_channels, tuple(conv.kernel_size)
         params = sum(p.numel() for p in conv.parameters())
-        entry = LayerReport(name, [cout, cin, kh, kw], None, 0.0, params, params)
+        entry = LayerReport(name, [cout, cin, *size], None, 0.0, params, params)
         report.layers.append(entry)
-        if isinstance(conv, TTConv2d):
+        if isinstance(conv, TTConv):
             entry.ranks, entry.reason = list(conv.ranks), "already TT"
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in patterns):
@@ -288,7 +358,7 @@ def decompose(
             entry.reason = f"grouped conv (groups={conv.groups})"
             continue
         factors = tt_svd(conv.weight, rank=rank, energy=energy, refine=refine)
-        after = tt_params(cin, cout, kh, kw, factors.ranks, conv.bias is not None)
+        after = tt_params(cin, cout, size, factors.ranks, conv.bias is not None)
         if after >= params:
             entry.reason = f"ranks {list(factors.ranks)} would not shrink it"
             continue
@@ -302,19 +372,22 @@ def decompose(
 
 
 def tt_ranks(net: nn.Module) -> dict[str, list[int]]:
-    return {name: list(m.ranks) for name, m in conv_layers(net) if isinstance(m, TTConv2d)}
+    return {name: list(m.ranks) for name, m in conv_layers(net) if isinstance(m, TTConv)}
 
 
 def apply_tt_structure(net: nn.Module, ranks: dict[str, list[int]]) -> None:
-    """Turn the named convs into (uninitialised) TT layers of the given ranks, to load a saved TT state dict."""
+    """Turn the named convs into (uninitialised) TT layers of the given ranks, to load a saved TT state dict.
+
+    The dimension of each TT layer is that of the dense conv the architecture has under that name, so the metadata
+    (``{name: [r1, r2]}``) is the same in 1, 2 and 3 dims and files written before 1-D/3-D support load unchanged."""
     for name, (r1, r2) in ranks.items():
         try:
             conv = net.get_submodule(name)
         except AttributeError as exc:
             raise UserError(f"metadata names TT layer {name!r}, which the architecture does not have") from exc
-        if not isinstance(conv, nn.Conv2d):
-            raise UserError(f"metadata names TT layer {name!r}, which is not a Conv2d in the architecture")
-        layer = TTConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, (r1, r2), stride=conv.stride,
+        if not isinstance(conv, DENSE_CONVS):
+            raise UserError(f"metadata names TT layer {name!r}, which is not a Conv1d/2d/3d in the architecture")
+        layer = tt_class(K.spatial_dims(conv))(conv.in_channels, conv.out_channels, conv.kernel_size, (r1, r2), stride=conv.stride,
                          padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
                          padding_mode=conv.padding_mode)
         _set_module(net, name, layer)

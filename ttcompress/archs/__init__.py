@@ -169,7 +169,12 @@ def _file_info(spec: str, path_str: str, class_name: str) -> ArchInfo:
         except TypeError as exc:
             raise UserError(f"--arch {spec}: {class_name}() must be constructible with no arguments ({exc})") from exc
 
-    return ArchInfo(spec, factory, None, None, takes_num_classes=False, description=f"{class_name} from {path}")
+    # an optional class attribute ``input_size`` gives the shape of one input, e.g. (C, L) or (C, D, H, W)
+    size = getattr(cls, "input_size", None)
+    valid = isinstance(size, (tuple, list)) and 2 <= len(size) <= 4 and all(isinstance(v, int) and v > 0 for v in size)
+    shape = tuple(size) if valid else (3, 32, 32)
+    return ArchInfo(spec, factory, None, None, input_size=shape, takes_num_classes=False,  # type: ignore[arg-type]
+                    description=f"{class_name} from {path}")
 
 
 def resolve(spec: str) -> ArchInfo:

@@ -13,14 +13,14 @@ from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, l
 from ttcompress.errors import UserError
 
 
-def parse_eps(text: str) -> float:
+def parse_eps(text: str, flag: str = "--eps") -> float:
     """``8/255``, ``0.03`` or ``0``."""
     try:
         value = float(Fraction(text.strip()))
     except (ValueError, ZeroDivisionError):
-        raise UserError(f"--eps must be a number or a fraction such as 8/255, got {text!r}") from None
+        raise UserError(f"{flag} must be a number or a fraction such as 8/255, got {text!r}") from None
     if value < 0:
-        raise UserError(f"--eps must be non-negative, got {text}")
+        raise UserError(f"{flag} must be non-negative, got {text}")
     return value
 
 
@@ -52,6 +52,10 @@ def render_eval(result: dict, title: str) -> None:
     if "lipschitz" in result:
         lip = result["lipschitz"]
         rows.append([f"empirical Lipschitz (radius {lip['radius']})", f"max {lip['max']:.3f}, mean {lip['mean']:.3f}"])
+    if "certified" in result:
+        cert = result["certified"]
+        rows.append([f"certified {cert['norm']} radius {cert['radius']:.4g} (Lipschitz ≤ {cert['lipschitz']:.4g})",
+                     f"{100 * cert['certified_accuracy']:.2f} % (clean {100 * cert['clean_accuracy']:.2f} %)"])
     out_console.print(table(title, ["metric", "value"], rows))
     if "cifar_c" in result:
         corr = result["cifar_c"]["corruptions"]
@@ -66,7 +70,7 @@ def eval_command(
     checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint to evaluate."),
     data: str = typer.Option(..., "--data", help="cifar10, cifar100, a .npz file or an ImageFolder directory."),
     metrics: str = typer.Option("accuracy,ece", "--metrics",
-                                help="Comma-separated: accuracy, ece, cifar-c, autoattack, lipschitz."),
+                                help="Comma-separated: accuracy, ece, cifar-c, autoattack, lipschitz, certified."),
     split: str = typer.Option("test", "--split", help="Split to evaluate: test or train."),
     n: Optional[int] = typer.Option(None, "--n", help="Evaluate the first N images (default: all)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Batch size."),
@@ -81,6 +85,8 @@ def eval_command(
     eps: str = typer.Option("8/255", "--eps", help="AutoAttack radius, e.g. 8/255 or 0.5."),
     attack_version: str = typer.Option("standard", "--attack-version", help="AutoAttack version: standard|custom."),
     radius: float = typer.Option(0.5, "--radius", help="L2 radius of the FGSM step for the Lipschitz estimate."),
+    cert_radius: str = typer.Option("36/255", "--cert-radius", help="L2 radius of the certified robust accuracy "
+                                    "(--metrics certified; LipConvNet / SOC networks), e.g. 36/255 or 0.5."),
     seed: int = typer.Option(0, "--seed", help="Seed for generated corruptions and attacks."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for eval.json and plots."),
     arch: Optional[str] = ArchOpt,
@@ -89,9 +95,11 @@ def eval_command(
     trust_pickle: bool = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Accuracy, calibration (ECE), CIFAR-10-C, AutoAttack and empirical Lipschitz of a checkpoint.
+    """Accuracy, calibration (ECE), CIFAR-10-C, AutoAttack, empirical Lipschitz and certified robust accuracy.
 
     Example: ttcompress eval r20-tt.safetensors --data cifar10-sample.npz --metrics accuracy,ece,cifar-c,autoattack --n 256
+
+    Example: ttcompress eval lipconvnet.pt --arch lipconvnet-5 --data cifar10 --metrics accuracy,certified
     """
     from ttcompress.data import check_compatible, load_split
     from ttcompress.device import pick_device
@@ -107,6 +115,7 @@ def eval_command(
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     eps_value = parse_eps(eps)
+    cert_value = parse_eps(cert_radius, "--cert-radius")
     sev = parse_ints(severities, "--severities")
     if not sev or any(s not in (1, 2, 3, 4, 5) for s in sev):
         raise UserError(f"--severities must be chosen from 1..5, got {severities!r}")
@@ -125,7 +134,8 @@ def eval_command(
     result = evaluate(
         model, images, metrics=[m for m in metrics.replace(" ", "").split(",") if m], n=n, batch_size=batch_size,
         device=torch_device, cifar_c_dir=cifar_c, severities=sev, corruptions=names, norm=norm, eps=eps_value,
-        attack_version=attack_version, radius=radius, seed=seed, out_dir=out, progress=RichProgress(),
+        attack_version=attack_version, radius=radius, cert_radius=cert_value, seed=seed, out_dir=out,
+        progress=RichProgress(),
     )
     if as_json:
         print_json(result)

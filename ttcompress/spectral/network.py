@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -9,18 +10,18 @@ import torch
 from torch import nn
 
 from ttcompress.errors import UserError
-from ttcompress.kernel import Geometry, Pair
+from ttcompress.kernel import Geometry, Size, spatial_dims
 from ttcompress.progress import Progress, ensure
-from ttcompress.spectral.periodic import singular_values
-from ttcompress.tt import TTConv2d, conv_layers, orthonormal_factors
+from ttcompress.spectral.ndim import singular_values_nd
+from ttcompress.tt import TTConv, conv_layers, orthonormal_factors
 
 
 @dataclass
 class LayerSpectrum:
     name: str
     kind: str  # "conv" | "tt"
-    input_size: Pair
-    stride: Pair
+    input_size: Size  # one int per spatial dim (1, 2 or 3)
+    stride: Size
     values: torch.Tensor  # all singular values, descending (float64, CPU)
 
     @property
@@ -42,17 +43,19 @@ class LayerSpectrum:
         }
 
 
-def layer_input_sizes(model: nn.Module, input_size: Sequence[int], net: nn.Module | None = None) -> dict[str, Pair]:
-    """Spatial size of the input of every conv / TT layer, from one forward pass with hooks.
+def layer_input_sizes(model: nn.Module, input_size: Sequence[int], net: nn.Module | None = None) -> dict[str, Size]:
+    """Spatial size of the input of every conv / TT layer, from one forward pass with hooks: a tuple with one int
+    per spatial dim of the layer (``(L,)`` for a Conv1d, ``(H, W)`` for a Conv2d, ``(D, H, W)`` for a Conv3d).
 
-    ``model`` is what takes the image (e.g. the normalised wrapper); ``net`` the module whose names are reported.
+    ``model`` is what takes the input (e.g. the normalised wrapper), ``input_size`` its shape without the batch
+    dim (``(C, H, W)`` for images); ``net`` the module whose names are reported.
     """
     net = model if net is None else net
-    sizes: dict[str, Pair] = {}
+    sizes: dict[str, Size] = {}
     handles = []
     for name, layer in conv_layers(net):
-        def hook(_module, args, name=name):
-            sizes[name] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+        def hook(_module, args, name=name, dims=spatial_dims(layer)):
+            sizes[name] = tuple(int(v) for v in args[0].shape[-dims:])
         handles.append(layer.register_forward_pre_hook(hook))
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -74,28 +77,39 @@ def layer_input_sizes(model: nn.Module, input_size: Sequence[int], net: nn.Modul
 def effective_kernel(layer: nn.Module) -> tuple[torch.Tensor, str]:
     """The kernel whose periodic spectrum carries the layer's nonzero singular values: the conv's own weight, or
     for a TT layer its core after QR of the frames (Theorem 3.2)."""
-    if isinstance(layer, TTConv2d):
+    if isinstance(layer, TTConv):
         _, core, _ = orthonormal_factors(layer)
         return core, "tt"
     return layer.weight.detach(), "conv"
 
 
 def layer_spectrum(
-    name: str, layer: nn.Module, input_hw: Pair, *, dtype: torch.dtype = torch.float32
+    name: str, layer: nn.Module, input_hw: Sequence[int], *, dtype: torch.dtype = torch.float32
 ) -> LayerSpectrum:
+    """All singular values of one conv / TT layer (1, 2 or 3 spatial dims) as a periodic conv on ``input_hw``
+    inputs (one int per spatial dim; the name is historical); a TT layer through its core after QR of the frames,
+    padded with the zeros of the full operator.  A grouped conv is block diagonal over its groups: the union of
+    the groups' spectra."""
     geometry = Geometry.of(layer)
-    (n1, n2), (s1, s2) = input_hw, geometry.stride
-    if n1 % s1 or n2 % s2:
+    size, stride = tuple(int(v) for v in input_hw), geometry.stride
+    if len(size) != len(stride):
+        raise UserError(f"layer {name}: input size {'×'.join(map(str, size))} has {len(size)} dims, the layer "
+                        f"{len(stride)}")
+    if any(n % s for n, s in zip(size, stride)):
         raise UserError(
-            f"layer {name}: input size {n1}×{n2} is not divisible by its stride {s1}×{s2}; "
-            "pass --input-size with a multiple of the network's total stride"
+            f"layer {name}: input size {'×'.join(map(str, size))} is not divisible by its stride "
+            f"{'×'.join(map(str, stride))}; pass --input-size with a multiple of the network's total stride"
         )
     kernel, kind = effective_kernel(layer)
-    values = singular_values(kernel.to(dtype), input_hw, geometry, dtype=dtype).double().cpu()
-    full = (n1 // s1) * (n2 // s2) * min(layer.out_channels, s1 * s2 * layer.in_channels)
+    groups = int(getattr(layer, "groups", 1))
+    parts = [singular_values_nd(k.to(dtype), size, stride, geometry.dilation, dtype=dtype).double().cpu()
+             for k in kernel.chunk(groups, dim=0)]
+    values = torch.sort(torch.cat(parts), descending=True).values if groups > 1 else parts[0]
+    grid = math.prod(n // s for n, s in zip(size, stride))
+    full = grid * groups * min(layer.out_channels // groups, math.prod(stride) * layer.in_channels // groups)
     if values.numel() < full:  # a TT layer: the rest of the full operator's singular values are zero
         values = torch.cat([values, values.new_zeros(full - values.numel())])
-    return LayerSpectrum(name, kind, input_hw, geometry.stride, values)
+    return LayerSpectrum(name, kind, size, stride, values)
 
 
 def network_spectrum(
