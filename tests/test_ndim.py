@@ -460,9 +460,71 @@ def test_1d_cli_decompose_and_spectrum(tmp_path):
     assert set(by_name) == {"body.0", "body.2", "body.4"}
     assert by_name["body.2"]["kind"] == "tt" and by_name["body.2"]["input_size"] == [16]
     assert by_name["body.4"]["stride"] == [1] and by_name["body.4"]["count"] == 8 * 12
-    assert all(entry["f4_bound"] is None and entry["power_zero_padding"] is None for entry in by_name.values())
+    # every method but the (2-D) Fourier bound runs on 1-D layers
+    assert all(entry["fourier_bound"] is None for entry in by_name.values())
+    assert all(entry["f4_bound"] >= entry["sigma_max"] * (1 - 1e-5) for entry in by_name.values())
+    assert all(entry["power_converged"] for entry in by_name.values())
     net = ck.load(out).net.double()
     for name, entry in by_name.items():
         size = (16,) if name != "body.4" else (8,)
         exact = layer_spectrum(name, net.get_submodule(name), size, dtype=torch.float64)
         assert entry["sigma_max"] == pytest.approx(exact.sigma_max, rel=1e-5)  # the CLI computes in float32
+
+
+# --- F4 bound and zero-padding σmax (PowerQR) of 1-D / 3-D layers against dense operators -------------------------
+
+ND_LAYERS = [
+    # (conv class, Cout, Cin, k, n, stride, padding, dilation)
+    (nn.Conv1d, 5, 3, 3, 12, 1, 1, 1),
+    (nn.Conv1d, 4, 6, 5, 10, 2, 2, 1),  # stride 2, wide
+    (nn.Conv1d, 3, 2, 3, 9, 1, 2, 2),  # dilation
+    (nn.Conv3d, 4, 3, 3, 4, 1, 1, 1),
+    (nn.Conv3d, 5, 2, 3, 4, 2, 1, 1),  # stride 2
+    (nn.Conv3d, 2, 3, (1, 3, 2), (3, 4, 4), (1, 2, 1), (0, 1, 1), 1),  # mixed sizes and strides
+]
+
+
+@pytest.mark.parametrize("cls,cout,cin,k,n,stride,padding,dilation", ND_LAYERS)
+def test_nd_f4_bound_and_power_against_dense_operators(cls, cout, cin, k, n, stride, padding, dilation):
+    from ttcompress.spectral.bounds import f4_bound
+    from ttcompress.spectral.power import top_singular
+
+    torch.manual_seed(sum(map(hash, (cout, cin, str(k), str(n)))) % 1000)
+    conv = cls(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=False).double()
+    dims = 1 if cls is nn.Conv1d else 3
+    size = K.ntuple(n, dims)
+    zero_padded = dense_singular_values(operator_matrix(conv, (cin, *size)))
+    found = top_singular(conv, size, 2, tol=1e-8)
+    assert found.converged
+    torch.testing.assert_close(found.values, zero_padded[:2], rtol=1e-6, atol=0)
+    bound = float(f4_bound(conv.weight.detach(), conv.stride, conv.dilation))
+    assert bound >= float(zero_padded[0]) * (1 - 1e-9)
+    # and for the periodic operator (on a size the stride divides)
+    even = tuple(s * max(2, -(-m // s)) for s, m in zip(K.ntuple(stride, dims), size))
+    periodic = dense_singular_values(periodic_matrix_nd(conv.weight.detach(), even, conv.stride, conv.dilation))
+    assert bound >= float(periodic[0]) * (1 - 1e-9)
+
+
+def test_nd_f4_reduces_to_the_2d_bound_and_is_differentiable():
+    from ttcompress.spectral.bounds import f4_bound
+
+    w = torch.randn(6, 4, 5, dtype=torch.float64, requires_grad=True)
+    # a 1-D kernel is the 2-D kernel (Cout, Cin, 1, k): the same four (two distinct) reshapings
+    torch.testing.assert_close(f4_bound(w, 2), f4_bound(w.unsqueeze(2), (1, 2)))
+    f4_bound(w, 1).backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    # 3-D: all 8 axis splits; the bound is not larger than the plain R3 (Cout × Cin·k³) bound
+    w3 = torch.randn(4, 3, 3, 3, 3, dtype=torch.float64)
+    r3 = math.sqrt(27) * float(torch.linalg.matrix_norm(w3.reshape(4, -1), ord=2))
+    assert float(f4_bound(w3)) <= r3 * (1 + 1e-12)
+
+
+def test_normalisation_wrapper_works_for_1d_and_3d_inputs():
+    from ttcompress.archs import Normalized
+
+    for conv, shape in ((nn.Conv1d(2, 3, 3), (4, 2, 9)), (nn.Conv3d(2, 3, 3), (4, 2, 5, 5, 5))):
+        wrapped = Normalized(conv, (0.5, 0.25), (2.0, 4.0))
+        x = torch.randn(shape)
+        mean = torch.tensor([0.5, 0.25]).reshape(1, 2, *([1] * (x.ndim - 2)))
+        std = torch.tensor([2.0, 4.0]).reshape(1, 2, *([1] * (x.ndim - 2)))
+        torch.testing.assert_close(wrapped(x), conv((x - mean) / std))

@@ -50,7 +50,8 @@ class Normalized(nn.Module):
         if self.mean is not None:
             if x.shape[1] != self.mean.shape[1]:  # broadcasting would silently turn 1 channel into 3
                 raise RuntimeError(f"expected {self.mean.shape[1]} input channels, got {x.shape[1]}")
-            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+            shape = (1, -1) + (1,) * (x.ndim - 2)  # (1, C, 1, …): any number of spatial dims
+            x = (x - self.mean.to(x.dtype).reshape(shape)) / self.std.to(x.dtype).reshape(shape)
         return self.net(x)
 
 

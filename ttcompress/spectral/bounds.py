@@ -43,16 +43,23 @@ values) or — differentiably, for training — to ``layer.dense_weight()``; :fu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ttcompress.kernel import Geometry, Pair, pair, polyphase_layout, to_polyphase
-from ttcompress.tt import TTConv2d, conv_layers
+from ttcompress.kernel import Geometry, Pair, ntuple, pair, polyphase_layout, to_polyphase
+from ttcompress.tt import TTConv, conv_layers
 
 __all__ = [
-    "f4_bound", "f4_penalty", "f4_reshapings", "fourier_bound", "layer_bound", "polyphase_kernel", "tap_bound",
+    "f4_bound", "f4_penalty", "f4_reshapings", "f4_reshapings_nd", "fourier_bound", "layer_bound", "polyphase_kernel", "tap_bound",
 ]
+
+
+def _check_nd(kernel: torch.Tensor) -> int:
+    if kernel.ndim not in (3, 4, 5):
+        raise ValueError(f"expected a (Cout, Cin, *k) kernel with 1 to 3 spatial dims, got shape {tuple(kernel.shape)}")
+    return kernel.ndim - 2
 
 
 def _check(kernel: torch.Tensor) -> None:
@@ -74,43 +81,63 @@ def f4_reshapings(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return r1, r2, r3, r4
 
 
-def polyphase_kernel(kernel: torch.Tensor, stride: int | Pair = 1, dilation: int | Pair = 1) -> torch.Tensor:
-    """The stride-1, undilated kernel ``(Cout, s1·s2·Cin, Q1, Q2)`` of the strided conv on the infinite grid.
+def polyphase_kernel(kernel: torch.Tensor, stride: int | Sequence[int] = 1,
+                     dilation: int | Sequence[int] = 1) -> torch.Tensor:
+    """The stride-1, undilated kernel ``(Cout, ∏s·Cin, *Q)`` of the strided conv on the infinite grid.
 
-    On ℤ² a stride-``s`` conv is, after splitting the input into its ``s1·s2`` phases (a permutation), a stride-1
-    conv on the coarse grid whose kernel holds tap ``(a, b)`` at position ``(d·a // s)`` and phase ``(d·a % s)``
+    On ℤᵈ a stride-``s`` conv is, after splitting the input into its ``∏s`` phases (a permutation), a stride-1
+    conv on the coarse grid whose kernel holds tap ``a`` at position ``(d·a // s)`` and phase ``(d·a % s)``
     (Theorem 2 of Senderovich et al. without the wrap-around).  Padding only shifts the input, which is unitary on
-    ℤ², so the norm of this kernel's conv bounds the strided layer for every padding and input size.
-    Differentiable.
+    ℤᵈ, so the norm of this kernel's conv bounds the strided layer for every padding and input size.
+    Any number of spatial dims (1-D, 2-D, 3-D).  Differentiable.
     """
-    _check(kernel)
-    stride, dilation = pair(stride), pair(dilation)
-    kh, kw = kernel.shape[2], kernel.shape[3]
+    dims = _check_nd(kernel)
+    stride, dilation = ntuple(stride, dims), ntuple(dilation, dims)
+    ksize = tuple(int(k) for k in kernel.shape[2:])
     # an input large enough that no tap wraps around
-    size = tuple(s * (d * (k - 1) + 1) for s, d, k in zip(stride, dilation, (kh, kw)))
-    layout = polyphase_layout((kh, kw), size, Geometry(stride, dilation))  # type: ignore[arg-type]
-    taps = to_polyphase(kernel, layout)  # (T, Cout, Cin·s1·s2)
-    q1, q2 = (int(v) + 1 for v in layout.positions.max(0).values)
-    out = kernel.new_zeros(q1, q2, taps.shape[1], taps.shape[2])
-    out = out.index_put((layout.positions[:, 0], layout.positions[:, 1]), taps)
-    return out.permute(2, 3, 0, 1)
+    size = tuple(s * (d * (k - 1) + 1) for s, d, k in zip(stride, dilation, ksize))
+    layout = polyphase_layout(ksize, size, Geometry(stride, dilation))
+    taps = to_polyphase(kernel, layout)  # (T, Cout, Cin·∏s)
+    extent = tuple(int(v) + 1 for v in layout.positions.max(0).values)
+    out = kernel.new_zeros(*extent, taps.shape[1], taps.shape[2])
+    out = out.index_put(tuple(layout.positions[:, i] for i in range(dims)), taps)
+    return out.permute(dims, dims + 1, *range(dims))
+
+
+def f4_reshapings_nd(kernel: torch.Tensor) -> list[torch.Tensor]:
+    """Fantastic Four in any number of spatial dims: for every split of the kernel axes into a set ``A`` and its
+    complement ``B``, the matrix with rows ``(o, a_A)`` and columns ``(c, b_B)``.  In 2-D these are R1, R2, R3 and
+    (the transpose, up to a row permutation, of) R4; the 2-D proof carries over axis group by axis group, giving
+    ``‖J‖₂ ≤ √(∏k) · ‖R_A‖₂`` for every ``A``."""
+    dims = _check_nd(kernel)
+    cout, cin, *ks = kernel.shape
+    mats = []
+    for mask in range(2**dims):
+        rows = [i for i in range(dims) if mask >> i & 1]
+        cols = [i for i in range(dims) if not mask >> i & 1]
+        perm = [0, *(2 + i for i in rows), 1, *(2 + i for i in cols)]
+        mats.append(kernel.permute(*perm).reshape(cout * math.prod(ks[i] for i in rows),
+                                                  cin * math.prod(ks[i] for i in cols)))
+    return mats
 
 
 def _f4(kernel: torch.Tensor) -> torch.Tensor:
-    kh, kw = kernel.shape[2], kernel.shape[3]
-    norms = torch.stack([torch.linalg.matrix_norm(r, ord=2) for r in f4_reshapings(kernel)])
-    return math.sqrt(kh * kw) * norms.min()
+    mats = f4_reshapings(kernel) if kernel.ndim == 4 else f4_reshapings_nd(kernel)
+    norms = torch.stack([torch.linalg.matrix_norm(r, ord=2) for r in mats])
+    return math.sqrt(math.prod(kernel.shape[2:])) * norms.min()
 
 
-def f4_bound(kernel: torch.Tensor, stride: int | Pair = 1, dilation: int | Pair = 1) -> torch.Tensor:
+def f4_bound(kernel: torch.Tensor, stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1) -> torch.Tensor:
     """Singla & Feizi's bound ``√(kh·kw)·min_i ‖R_i‖₂`` on σmax of the conv (any padding, stride, dilation, size).
 
     The stride-1 bound also holds for a strided conv; with ``stride`` > 1 the result is the smaller of it and the
     same bound on :func:`polyphase_kernel` (also valid, often much smaller).  Dilation does not change the
-    stride-1 bound.  A 0-dim tensor, differentiable with respect to ``kernel``.
+    stride-1 bound.  Kernels of 1-D and 3-D convs use :func:`f4_reshapings_nd` (all ``2^d`` axis splits; a 1-D
+    kernel gives the 2-D bound of its ``(Cout, Cin, 1, k)`` form).  A 0-dim tensor, differentiable in ``kernel``.
     """
+    dims = _check_nd(kernel)
     bound = _f4(kernel)
-    if pair(stride) != (1, 1):
+    if any(v != 1 for v in ntuple(stride, dims)):
         bound = torch.minimum(bound, _f4(polyphase_kernel(kernel, stride, dilation)))
     return bound
 
@@ -175,19 +202,22 @@ def fourier_bound(
 
 
 def layer_bound(layer: nn.Module, method: str = "f4") -> torch.Tensor:
-    """Differentiable bound on σmax of an ``nn.Conv2d`` or :class:`~ttcompress.tt.TTConv2d` (its dense kernel)."""
-    if isinstance(layer, TTConv2d):
+    """Differentiable bound on σmax of a conv (1-D, 2-D or 3-D) or TT layer (its dense kernel).  ``fourier`` is
+    implemented for 2-D layers only."""
+    if isinstance(layer, TTConv):
         kernel = layer.dense_weight()
-    elif isinstance(layer, nn.Conv2d):
+    elif isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if layer.groups != 1:
             raise ValueError("grouped convolutions are not supported by the kernel bounds")
         kernel = layer.weight
     else:
-        raise TypeError(f"expected a Conv2d or TTConv2d, got {type(layer).__name__}")
-    stride, dilation = pair(layer.stride), pair(layer.dilation)
+        raise TypeError(f"expected a conv or TT layer, got {type(layer).__name__}")
+    stride, dilation = tuple(layer.stride), tuple(layer.dilation)
     if method == "f4":
         return f4_bound(kernel, stride, dilation)
     if method == "fourier":
+        if kernel.ndim != 4:
+            raise ValueError("the Fourier bound is implemented for 2-D convs only")
         return fourier_bound(kernel, stride, dilation)
     raise ValueError(f"unknown bound {method!r}; use 'f4' or 'fourier'")
 

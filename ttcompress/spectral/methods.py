@@ -21,7 +21,7 @@ TT layer the core after QR of its frames, which has the whole layer's nonzero si
 grouped conv is block diagonal over its groups, so its spectrum is the union of the groups' spectra and its norm the
 largest group norm; the methods use that.  Where a method does not apply the field is ``None`` and
 :attr:`LayerMethods.skipped` says why: the kernel bounds do not hold for ``reflect`` / ``replicate`` padding (those
-paddings copy pixels, which can enlarge the norm), and for 1-D / 3-D convs only ``exact`` is implemented.
+paddings copy pixels, which can enlarge the norm), and the Fourier bound is implemented for 2-D convs only.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def layer_methods(
     tol: float = POWER_TOL,
 ) -> LayerMethods:
     """Run ``methods`` (names from :data:`METHODS`) on one conv / TT layer with ``input_hw`` inputs (one int per
-    spatial dim; every method for 2-D layers, ``exact`` only for 1-D / 3-D ones).
+    spatial dim; every method for 2-D layers, all but ``fourier`` for 1-D / 3-D ones).
 
     ``dtype`` is the precision of the exact spectrum and of the kernel bounds; power iteration always runs in
     float64 to relative tolerance ``tol``.  ``top_k`` makes ``power`` find the top ``k`` singular values of the
@@ -172,8 +172,8 @@ def layer_methods(
     out = LayerMethods(name, kind, tuple(int(v) for v in input_hw), tuple(geometry.stride), methods)
     padding_mode = str(getattr(layer, "padding_mode", "zeros"))
     for method in methods:
-        if method != "exact" and len(geometry.stride) != 2:  # 1-D / 3-D layers: only the exact spectrum
-            out.skipped[method] = f"{len(geometry.stride)}-D conv (this method is implemented for 2-D convs)"
+        if method == "fourier" and len(geometry.stride) != 2:
+            out.skipped[method] = f"{len(geometry.stride)}-D conv (the Fourier bound is implemented for 2-D convs)"
             continue
         if method in ("f4", "fourier") and padding_mode in _COPYING_PADDING:
             out.skipped[method] = f"{padding_mode} padding (the kernel bounds assume zero or circular padding)"

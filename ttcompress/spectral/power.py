@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttcompress.kernel import pair
+from ttcompress.kernel import ntuple
 
 __all__ = [
     "ConvOperator",
@@ -54,27 +54,37 @@ class Operator(Protocol):
     def adjoint(self, y: torch.Tensor) -> torch.Tensor: ...
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
 @dataclass(frozen=True)
 class ConvOperator:
-    """The linear part of a conv layer (no bias) on inputs of shape ``(1, *input_shape)``."""
+    """The linear part of a conv layer (no bias) on inputs of shape ``(1, *input_shape)``: 1, 2 or 3 spatial dims,
+    from the kernel ``(Cout, Cin/groups, *k)``; stride, padding and dilation hold one int per spatial dim."""
 
-    kernel: torch.Tensor  # (Cout, Cin/groups, kh, kw)
-    input_shape: tuple[int, int, int]  # (Cin, H, W)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] | str = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    kernel: torch.Tensor  # (Cout, Cin/groups, *k)
+    input_shape: tuple[int, ...]  # (Cin, *spatial)
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] | str = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
     padding_mode: str = "zeros"
 
+    @property
+    def dims(self) -> int:
+        return self.kernel.ndim - 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.kernel.to(x.dtype)
+        conv = _CONV[self.dims]
         if self.padding_mode != "zeros" and not isinstance(self.padding, str):
-            ph, pw = self.padding
-            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
-            return F.conv2d(x, k, None, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, k, None, self.stride, self.padding, self.dilation, self.groups)
+            pads = [p for pad in reversed(self.padding) for p in (pad, pad)]
+            x = F.pad(x, pads, mode=self.padding_mode)
+            return conv(x, k, None, self.stride, 0, self.dilation, self.groups)
+        return conv(x, k, None, self.stride, self.padding, self.dilation, self.groups)
 
-    def _output_padding(self) -> tuple[int, int] | None:
+    def _output_padding(self) -> tuple[int, ...] | None:
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return None
         out = []
@@ -82,12 +92,12 @@ class ConvOperator:
                                  self.dilation):
             m = (n + 2 * p - d * (k - 1) - 1) // s + 1
             out.append(n - ((m - 1) * s - 2 * p + d * (k - 1) + 1))
-        return (out[0], out[1])
+        return tuple(out)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         op = self._output_padding()
         if op is not None:
-            return F.conv_transpose2d(y, self.kernel.to(y.dtype), None, self.stride, self.padding, op, self.groups,
+            return _CONV_T[self.dims](y, self.kernel.to(y.dtype), None, self.stride, self.padding, op, self.groups,
                                       self.dilation)
         # the map is linear, so its vector-Jacobian product at any point (zero) is the adjoint
         x = torch.zeros(y.shape[0], *self.input_shape, dtype=y.dtype, device=y.device, requires_grad=True)
@@ -114,7 +124,8 @@ class LinearMap:
 
 
 def conv_operator(layer: nn.Module, input_hw: Sequence[int], kernel: torch.Tensor | None = None) -> ConvOperator:
-    """The operator of ``layer`` (an ``nn.Conv2d`` or ``TTConv2d``) on ``input_hw`` inputs.
+    """The operator of ``layer`` (an ``nn.Conv1d/2d/3d`` or TT layer) on inputs of spatial size ``input_hw``
+    (a leading channel count, if given, is ignored).
 
     ``kernel`` defaults to the layer's effective kernel (for a TT layer: the core after QR of the frames, computed
     in float64); pass one to reuse a core you already have.
@@ -123,15 +134,18 @@ def conv_operator(layer: nn.Module, input_hw: Sequence[int], kernel: torch.Tenso
         from ttcompress.spectral.network import effective_kernel
 
         kernel, _ = effective_kernel(layer)
-    h, w = (int(v) for v in input_hw[-2:])
+    dims = kernel.ndim - 2
+    spatial = tuple(int(v) for v in input_hw[-dims:])
+    if len(input_hw) < dims:
+        raise ValueError(f"a {dims}-D conv needs {dims} spatial sizes, got {tuple(input_hw)}")
     groups = int(getattr(layer, "groups", 1))
-    padding = layer.padding if isinstance(layer.padding, str) else pair(layer.padding)
+    padding = layer.padding if isinstance(layer.padding, str) else ntuple(layer.padding, dims)
     return ConvOperator(
         kernel=kernel.detach(),
-        input_shape=(int(kernel.shape[1]) * groups, h, w),
-        stride=pair(layer.stride),
+        input_shape=(int(kernel.shape[1]) * groups, *spatial),
+        stride=ntuple(layer.stride, dims),
         padding=padding,
-        dilation=pair(layer.dilation),
+        dilation=ntuple(layer.dilation, dims),
         groups=groups,
         padding_mode=getattr(layer, "padding_mode", "zeros"),
     )
@@ -336,7 +350,8 @@ def _as_operator(layer: nn.Module | Operator, input_shape: Sequence[int] | None)
         if input_shape is None:
             raise ValueError("give the layer's input size (H, W)")
         takes = int(getattr(layer, "in_channels", 0))
-        if len(input_shape) == 3 and takes and int(input_shape[0]) != takes:
+        dims = len(getattr(layer, "kernel_size", (0, 0)))
+        if len(input_shape) == dims + 1 and takes and int(input_shape[0]) != takes:
             raise ValueError(f"input has {input_shape[0]} channels but the layer takes {takes}")
         return conv_operator(layer, input_shape)
     return layer
