@@ -275,3 +275,89 @@ def test_stride_must_divide_the_input_size():
     net = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2))
     with pytest.raises(UserError, match="divisible"):
         Controller(net, {"0": (7, 7)}, clip_to=1.0)
+
+
+# --- FastClip ----------------------------------------------------------------------------------------------------------------
+
+def composition_sigma(net: Tiny, name: str, bn_name: str | None) -> float:
+    """Dense σmax of the conv as it runs, followed by its BatchNorm's eval-mode linear part when given."""
+    layer = net.get_submodule(name)
+    bn = net.get_submodule(bn_name) if bn_name else None
+    if bn is None:
+        return sigma(layer, SIZES[name], periodic=False)
+    bn.eval()
+    shape = (layer.in_channels, *SIZES[name])
+
+    def fn(x):
+        return bn(layer(x))
+
+    with torch.no_grad():
+        zero = fn(torch.zeros(1, *shape, dtype=torch.float64))
+    return float(dense_singular_values(operator_matrix(lambda x: fn(x) - zero, shape))[0])
+
+
+@pytest.mark.parametrize("verify_rounds", [3, 60])
+@pytest.mark.parametrize("with_bn", [False, True], ids=["alone", "with-bn"])
+def test_fastclip_control_and_verification_against_dense_zero_padded(with_bn, verify_rounds):
+    from ttcompress.fastclip import following_batchnorms
+
+    net = make_net()
+    with torch.no_grad():
+        net.bn1.weight.fill_(2.0)
+        net.bn1.running_var.fill_(0.5)
+    pairs = following_batchnorms(net, (3, 8, 8)) if with_bn else None
+    assert pairs is None or pairs == {"conv1": "bn1"}  # `down` feeds a ReLU, the TT layers no BatchNorm
+    bn_of = {"conv1": "bn1"} if with_bn else {}
+    before = {n: composition_sigma(net, n, bn_of.get(n)) for n in CONVS}
+    ctl = Controller(net, SIZES, fastclip_to=1.0, fastclip_every=2, fastclip_rounds=3, clip_with_bn=with_bn,
+                     batchnorms=pairs, clip_dtype=torch.float64)
+    ctl.after_step(1)  # not a FastClip step
+    assert composition_sigma(net, "down", None) == pytest.approx(before["down"], rel=1e-12)
+    ctl.after_step(2)
+    mid = {n: composition_sigma(net, n, bn_of.get(n)) for n in CONVS}
+    assert all(mid[n] < before[n] for n in CONVS) and ctl.timings["fastclip"] > 0
+    assert set(ctl.fastclip_vectors) == set(CONVS)
+    ctl.fastclip_rounds = verify_rounds  # few: the verification has to rescale; many: FastClip alone gets there
+    reports = {r.name: r for r in ctl.enforce_bounds()}
+    for name in CONVS:
+        r = reports[name]
+        dense = composition_sigma(net, name, bn_of.get(name))
+        assert dense <= 1.0 * (1 + 1e-3), (name, dense)
+        assert r.sigma_after == pytest.approx(dense, rel=1e-3) and r.sigma_before == pytest.approx(mid[name], rel=1e-3)
+        assert r.operator == ("zero-padded+bn" if name in bn_of else "zero-padded")
+        assert (r.reprojections > 0 or r.rescale is not None) == (mid[name] > 1.001)
+        assert r.to_json()["operator"] == r.operator and (r.reprojections == 0 or "FastClip" in r.action)
+        assert (r.rescale is not None) == (verify_rounds == 3), r.action
+
+
+def test_fastclip_vectors_round_trip_through_the_state():
+    a, b = make_net(), make_net()
+    ca = Controller(a, SIZES, fastclip_to=1.0, fastclip_every=1, fastclip_rounds=2, clip_dtype=torch.float64)
+    ca.after_step(1)
+    b.load_state_dict(a.state_dict())
+    cb = Controller(b, SIZES, fastclip_to=1.0, fastclip_every=1, fastclip_rounds=2, clip_dtype=torch.float64)
+    cb.load_state_dict(ca.state_dict())
+    assert cb.fastclip_vectors.keys() == ca.fastclip_vectors.keys() == set(CONVS)
+    ca.after_step(2)
+    cb.after_step(2)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    fresh = make_net()
+    fresh.load_state_dict(b.state_dict())
+    cf = Controller(fresh, SIZES, fastclip_to=1.0, fastclip_every=1, fastclip_rounds=2, clip_dtype=torch.float64)
+    cf.after_step(3)  # cold start: other (random) vectors, so another path ...
+    cb.after_step(3)
+    assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in b.state_dict().items())  # ... a different result
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(clip_to=1.0, fastclip_to=1.0), "--fastclip-to and --clip-to"),
+    (dict(divide_to=1.0, fastclip_to=1.0), "--fastclip-to and --divide-to"),
+    (dict(clip_to=1.0, clip_with_bn=True), "--clip-with-bn needs --fastclip-to"),
+    (dict(fastclip_to=1.0, clip_with_bn=True), "batchnorms="),
+    (dict(fastclip_to=-1.0), "--fastclip-to must be positive"),
+    (dict(fastclip_to=1.0, fastclip_k=0), "--fastclip-k"),
+])
+def test_fastclip_combinations_are_checked(kw, message):
+    with pytest.raises(UserError, match=message):
+        Controller(make_net(), SIZES, **kw)

@@ -126,6 +126,12 @@ def test_recipe_defaults_and_overrides(tmp_path):
     (dict(data="x.npz", steps=3, clip_to=-1.0), "--clip-to"),
     (dict(data="x.npz", steps=3, optimizer="adam", nesterov=True), "--nesterov"),
     (dict(data="x.npz", steps=3, device="tpu"), "--device"),
+    (dict(data="x.npz", steps=3, f4_weight=-1.0), "--f4-weight"),
+    (dict(data="x.npz", steps=3, clip_to=1.0, fastclip_to=1.0), "--fastclip-to and --clip-to"),
+    (dict(data="x.npz", steps=3, divide_to=1.0, fastclip_to=1.0), "--fastclip-to and --divide-to"),
+    (dict(data="x.npz", steps=3, clip_with_bn=True), "--clip-with-bn needs --fastclip-to"),
+    (dict(data="x.npz", steps=3, fastclip_to=0.0), "--fastclip-to"),
+    (dict(data="x.npz", steps=3, fastclip_to=1.0, fastclip_every=0), "--fastclip-every"),
 ])
 def test_bad_settings_are_user_errors(kw, message):
     with pytest.raises(UserError, match=message):
@@ -196,6 +202,68 @@ def test_finetune_meets_bounds_and_writes_log_and_history(tiny):
     assert float(rows[1]["lr"]) == pytest.approx(0.05) and float(rows[2]["lr"]) == pytest.approx(0.025)
 
 
+def f4_sum(path: Path) -> float:
+    from ttcompress.spectral.bounds import f4_penalty
+
+    with torch.no_grad():
+        return float(f4_penalty(ck.load(path).net))
+
+
+def test_f4_weight_regularises_and_is_logged(tiny):
+    from ttcompress.spectral.bounds import f4_penalty
+
+    net = ck.load(tiny["model"]).net
+    f4_penalty(net, 2.0).backward()  # the gradient reaches dense kernels, TT cores and TT frames
+    for p in (net.conv1.weight, net.conv2.core.weight, net.conv2.first.weight, net.conv3.last.weight):
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0
+
+    start = f4_sum(tiny["model"])
+    runs = {}
+    for weight in (0.0, 0.5):
+        out = tiny["dir"] / f"f4-{weight}.safetensors"
+        finetune(ck.load(tiny["model"]), config(tiny, clip_to=None, f4_weight=weight, bn_recalibrate=0),
+                 out_path=out)
+        runs[weight] = (f4_sum(out), read_log(run_paths(out)["log"]))
+    with_penalty, rows = runs[0.5]
+    assert with_penalty < 0.8 * start and with_penalty < 0.8 * runs[0.0][0]
+    for r in rows:  # loss = CE + k·ortho + W·f4, the F4 sum logged like the orthogonal loss
+        assert float(r["loss"]) == pytest.approx(float(r["ce"]) + 10.0 * float(r["ortho"]) + 0.5 * float(r["f4"]),
+                                                 rel=1e-4)
+    assert float(rows[0]["f4"]) == pytest.approx(start, rel=1e-4)  # before the first step
+    assert all(float(r["f4"]) == 0.0 for r in runs[0.0][1])  # not computed without the penalty
+
+
+def bn_composition_sigma(layer, bn, shape) -> float:
+    from reference import dense_singular_values, operator_matrix
+
+    def fn(x):
+        y = layer(x)
+        return y if bn is None else bn(y)
+
+    with torch.no_grad():
+        zero = fn(torch.zeros(1, *shape))
+        return float(dense_singular_values(operator_matrix(lambda x: fn(x.float()) - zero, shape))[0])
+
+
+def test_finetune_with_fastclip_and_bn_meets_the_bound_as_it_runs(tiny):
+    out = tiny["dir"] / "fastclip.safetensors"
+    cfg = config(tiny, clip_to=None, fastclip_to=1.0, fastclip_every=2, clip_with_bn=True, bn_to=None)
+    result = finetune(ck.load(tiny["model"]), cfg, out_path=out)
+    convs = {b.name: b for b in result.bounds if b.kind in ("conv", "tt")}
+    assert set(convs) == {"conv1", "conv2", "conv3"}
+    assert {n: b.operator for n, b in convs.items()} == {
+        "conv1": "zero-padded+bn", "conv2": "zero-padded+bn", "conv3": "zero-padded"}
+    assert result.max_ratio <= 1.001 and result.control_breakdown["fastclip"] > 0
+    assert result.control_breakdown["clip"] == 0
+    assert any("conv3" in n and "clipped alone" in n for n in result.notes)
+    net = ck.load(out).net.eval()
+    for name, bn, size in (("conv1", net.bn1, 8), ("conv2", net.bn2, 8), ("conv3", None, 4)):
+        layer = net.get_submodule(name)
+        dense = bn_composition_sigma(layer, bn, (layer.in_channels, size, size))
+        assert dense <= 1.0 * (1 + 2e-3), name  # float32 weights: 1e-3 target plus rounding
+        assert convs[name].sigma_after == pytest.approx(dense, rel=2e-3)
+
+
 class CrashAt:
     """A progress reporter that raises when the loop reports step ``n`` (after the state of step n−1 is saved)."""
 
@@ -228,7 +296,8 @@ def one_thread():
 @pytest.mark.parametrize("control", [
     dict(clip_to=1.0, divide_to=None, bn_to=None),
     dict(clip_to=None, divide_to=2.0, bn_to=3.0, linear_to=2.0),
-])
+    dict(clip_to=None, fastclip_to=1.0, fastclip_every=2, fastclip_rounds=2, clip_with_bn=True),
+], ids=["clip", "divide", "fastclip"])
 def test_resume_gives_the_same_weights(tiny, control, one_thread):
     straight = tiny["dir"] / "straight.safetensors"
     finetune(ck.load(tiny["model"]), config(tiny, **control), out_path=straight)
@@ -241,6 +310,8 @@ def test_resume_gives_the_same_weights(tiny, control, one_thread):
     assert state["step"] == 3 and not out.exists()
     if control.get("divide_to"):
         assert state["controller"]["power"]["vectors"]  # the power-iteration vectors travel with the state
+    if control.get("fastclip_to"):  # so do FastClip's singular vectors (clipped at step 2)
+        assert set(state["controller"]["fastclip"]) == {"conv1", "conv2", "conv3"}
     result = finetune(ck.load(tiny["model"]), config(tiny, resume=True, **control), out_path=out)
     assert result.resumed_from == 3
 
@@ -301,6 +372,29 @@ def test_cli_json_contract(tiny):
     assert bad.exit_code == 2 and "--amp" in bad.output
     missing = CliRunner().invoke(app, ["finetune", str(tiny["model"]), "--data", str(tiny["data"]), "-o", str(out)])
     assert missing.exit_code == 2 and "--steps" in missing.output
+    for extra, message in ((["--clip-with-bn"], "--clip-with-bn needs --fastclip-to"),
+                           (["--fastclip-to", "1"], "--fastclip-to and --clip-to")):
+        bad = CliRunner().invoke(app, args + extra)
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output
+
+
+def test_cli_fastclip_json(tiny):
+    import ttcompress.cli.finetune  # noqa: F401
+    from ttcompress.cli import app
+
+    out = tiny["dir"] / "cli-fc.safetensors"
+    args = ["finetune", str(tiny["model"]), "--data", str(tiny["data"]), "--steps", "2", "--batch-size", "16",
+            "--fastclip-to", "1", "--fastclip-every", "1", "--fastclip-k", "2", "--clip-with-bn", "--device", "cpu",
+            "-o", str(out)]
+    res = CliRunner().invoke(app, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    cfg = doc["config"]
+    assert (cfg["fastclip_to"], cfg["fastclip_every"], cfg["fastclip_k"], cfg["clip_with_bn"]) == (1.0, 1, 2, True)
+    assert {b["operator"] for b in doc["bounds"]} == {"zero-padded", "zero-padded+bn"}
+    assert all(b["sigma_after"] <= 1.001 * b["bound"] for b in doc["bounds"])
+    table = CliRunner().invoke(app, args + ["-o", str(tiny["dir"] / "cli-fc2.safetensors")])
+    assert table.exit_code == 0 and "zero-padded+bn" in table.stdout
 
 
 # --- data-parallel -------------------------------------------------------------------------------------------------------------

@@ -13,13 +13,18 @@ Files beside the output ``OUT`` (e.g. ``r20-ft.safetensors``):
   power-iteration vectors, timings, the configuration), written atomically every ``save_every`` steps, after the
   last step and before stopping on divergence; ``torch.load(..., weights_only=True)`` reads it.  It is **deleted**
   once the output is written (a finished run needs no state); ``resume`` without a state file starts afresh.
-* ``r20-ft.log.csv`` — one row per step: ``step, epoch, loss, ce, ortho, train_acc, lr, seconds``; on resume, rows after
+* ``r20-ft.log.csv`` — one row per step: ``step, epoch, loss, ce, ortho, f4, train_acc, lr, seconds`` (``loss`` is
+  ``ce + orthogonal_k·ortho + f4_weight·f4``, f4 the sum of the convs' Fantastic-Four bounds); on resume, rows after
   the resumed step are dropped first.  ``r20-ft.tb/`` holds TensorBoard events with ``tensorboard`` set.
 
 After the last step: the exact verification of every controlled layer (:meth:`Controller.enforce_bounds`:
 re-projection, rescaling as the last resort), then ``bn_recalibrate`` training batches re-estimate the BatchNorm
 running statistics for the final weights (the last projection changed them after the statistics were gathered;
-the weights themselves are not touched), then the BatchNorm limit, the test accuracy, and the output.
+the weights themselves are not touched), then the BatchNorm limit, the test accuracy, and the output.  With
+``fastclip_to`` and ``clip_with_bn`` the convs are verified last, on the composition with the final BatchNorms.
+
+Regulariser: ``f4_weight`` W adds ``W · Σ f4_bound`` over all convs (:func:`ttcompress.spectral.bounds.f4_penalty`,
+Singla & Feizi's differentiable bound on each conv's σmax) to the loss.
 
 Determinism: the data order and augmentation depend only on ``(seed, epoch, rank)``, the power-iteration vectors
 are part of the state and the global RNG is restored, so a resumed run on the CPU ends with the same weights as an
@@ -54,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttcompress import checkpoint as ck
-from ttcompress.control import BoundReport, Controller, orthogonal_loss
+from ttcompress.control import BoundReport, Controller, check_control_combination, orthogonal_loss
 from ttcompress.device import pick_device
 from ttcompress.errors import DivergenceError, UserError
 from ttcompress.progress import Progress, ensure
@@ -70,10 +75,11 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "parse_schedule", "ru
 
 # --- configuration ----------------------------------------------------------------------------------------------------
 
-_INT = {"epochs", "steps", "batch_size", "clip_every", "power_iters", "bn_recalibrate", "seed", "save_every"}
+_INT = {"epochs", "steps", "batch_size", "clip_every", "power_iters", "bn_recalibrate", "seed", "save_every",
+        "fastclip_every", "fastclip_k", "fastclip_rounds"}
 _FLOAT = {"lr", "momentum", "weight_decay", "schedule_epochs", "orthogonal_k", "clip_to", "divide_to", "bn_to",
-          "linear_to"}
-_BOOL = {"nesterov", "augment", "amp", "resume", "tensorboard"}
+          "linear_to", "f4_weight", "fastclip_to"}
+_BOOL = {"nesterov", "augment", "amp", "resume", "tensorboard", "clip_with_bn"}
 _STR = {"data", "data_root", "arch", "optimizer", "schedule", "device", "recipe", "description"}
 
 
@@ -95,12 +101,18 @@ class FinetuneConfig:
     schedule: str = "cosine"  # constant | cosine | multistep:M1,M2,...[:GAMMA] (milestones in epochs)
     schedule_epochs: float | None = None  # the epoch count multistep milestones refer to (see parse_schedule)
     orthogonal_k: float = 0.0  # weight of the orthogonal loss (paper: 1e5)
+    f4_weight: float = 0.0  # weight of the Fantastic-Four bound sum Σ f4_bound over the convs (a regulariser)
     clip_to: float | None = None  # clip conv singular values at C ...
     clip_every: int = 100  # ... every N steps
     divide_to: float | None = None  # divide convs by max(1, σ̂/D) every step
     bn_to: float | None = None  # BatchNorm Lipschitz limit X
     linear_to: float | None = None  # linear layers' σmax limit Y
     power_iters: int = 1  # power iterations per step for division
+    fastclip_to: float | None = None  # FastClip: the convs' σmax as they run (zero padding) to C ...
+    fastclip_every: int = 100  # ... every N steps (Boroojeny et al.: 100) ...
+    fastclip_k: int = 1  # ... top k singular values at a time ...
+    fastclip_rounds: int = 10  # ... at most this many rounds per layer and call (and in the final verification)
+    clip_with_bn: bool = False  # FastClip the composition conv → its BatchNorm (eval mode)
     bn_recalibrate: int = 20  # batches to re-estimate BatchNorm statistics after the final projection (0: off)
     augment: bool | None = None  # random crop (4 px) + flip; default: on for 32×32 images
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -153,13 +165,14 @@ class FinetuneConfig:
             if self.epochs is None:
                 raise UserError("give the run length with --epochs E or --steps N (or a --recipe that sets one)")
             raise UserError("give either --epochs or --steps, not both")
-        for name in ("epochs", "steps", "batch_size", "clip_every", "power_iters", "save_every"):
+        for name in ("epochs", "steps", "batch_size", "clip_every", "power_iters", "save_every", "fastclip_every",
+                     "fastclip_k", "fastclip_rounds"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        for name in ("lr", "clip_to", "divide_to", "bn_to", "linear_to", "schedule_epochs"):
+        for name in ("lr", "clip_to", "divide_to", "bn_to", "linear_to", "schedule_epochs", "fastclip_to"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
@@ -169,8 +182,11 @@ class FinetuneConfig:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise UserError(f"--weight-decay must be non-negative, got {self.weight_decay}")
-        if not (self.orthogonal_k >= 0 and math.isfinite(self.orthogonal_k)):
-            raise UserError(f"--orthogonal-k must be a non-negative number, got {self.orthogonal_k}")
+        for name in ("orthogonal_k", "f4_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise UserError(f"--{name.replace('_', '-')} must be a non-negative number, got {value}")
+        check_control_combination(self.clip_to, self.divide_to, self.fastclip_to, self.clip_with_bn)
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise UserError("--nesterov needs --optimizer sgd with a positive --momentum")
         parse_schedule(self.schedule)
@@ -367,7 +383,7 @@ def run_paths(out: str | os.PathLike) -> dict[str, Path]:
     return {"state": Path(f"{stem}.state.pt"), "log": Path(f"{stem}.log.csv"), "tensorboard": Path(f"{stem}.tb")}
 
 
-LOG_COLUMNS = ("step", "epoch", "loss", "ce", "ortho", "train_acc", "lr", "seconds")
+LOG_COLUMNS = ("step", "epoch", "loss", "ce", "ortho", "f4", "train_acc", "lr", "seconds")
 
 
 class _CsvLog:
@@ -552,6 +568,8 @@ def finetune(
 def _finetune(loaded: ck.LoadedModel, cfg: FinetuneConfig, out: Path, progress: Progress | None, ctx: _Dist,
               device: torch.device, started: float) -> FinetuneResult:
     from ttcompress.data import check_compatible, load_split, train_loader
+    from ttcompress.fastclip import following_batchnorms
+    from ttcompress.spectral.bounds import f4_penalty
     from ttcompress.spectral.network import layer_input_sizes
 
     paths = run_paths(out)
@@ -590,9 +608,16 @@ def _finetune(loaded: ck.LoadedModel, cfg: FinetuneConfig, out: Path, progress: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(cfg.schedule, total, per_epoch, cfg.schedule_epochs))
     scaler = torch.amp.GradScaler("cuda") if cfg.amp else None
-    controller = Controller.from_config(cfg, net, sizes, sync=ctx.broadcast if ctx.active else None)
+    batchnorms = following_batchnorms(model, image_shape, net) if cfg.clip_with_bn else None
+    controller = Controller.from_config(cfg, net, sizes, sync=ctx.broadcast if ctx.active else None,
+                                        batchnorms=batchnorms)
     if cfg.orthogonal_k > 0 and not _has_frames(net):
         notes.append("--orthogonal-k has no effect: the network has no TT layers")
+    if cfg.clip_with_bn:
+        alone = [c.name for c in controller.convs if c.bn is None]
+        if alone:
+            notes.append(f"--clip-with-bn: {len(alone)} of {len(controller.convs)} convs feed no BatchNorm directly "
+                         f"and are clipped alone ({', '.join(alone[:4])}{', …' if len(alone) > 4 else ''})")
 
     # --- resume ---------------------------------------------------------------------------------------------------------
     step, t_train, resumed_from = 0, 0.0, 0
@@ -655,7 +680,7 @@ def _finetune(loaded: ck.LoadedModel, cfg: FinetuneConfig, out: Path, progress: 
         ck.atomic_write(paths["state"], lambda tmp: torch.save(state, tmp))
         last_saved = at
 
-    k = cfg.orthogonal_k
+    k, f4_weight = cfg.orthogonal_k, cfg.f4_weight
 
     def autocast():
         if scaler is None:
@@ -681,7 +706,12 @@ def _finetune(loaded: ck.LoadedModel, cfg: FinetuneConfig, out: Path, progress: 
                         logits = train_model(x)
                         ce = F.cross_entropy(logits.float(), y)
                     ortho = orthogonal_loss(net) if k > 0 else ce.new_zeros(())
-                    loss = ce + k * ortho if k > 0 else ce
+                    f4 = f4_penalty(net) if f4_weight > 0 else ce.new_zeros(())
+                    loss = ce
+                    if k > 0:
+                        loss = loss + k * ortho
+                    if f4_weight > 0:
+                        loss = loss + f4_weight * f4
                     if not ctx.all_finite(torch.isfinite(loss.detach())):
                         _diverged(step, epoch, float(loss.detach()), net, save_state, last_saved, paths["state"])
                     lr = optimizer.param_groups[0]["lr"]
@@ -702,11 +732,11 @@ def _finetune(loaded: ck.LoadedModel, cfg: FinetuneConfig, out: Path, progress: 
                     recent_acc.append(acc)
                     seconds = t_train + sum(controller.timings.values())
                     if log is not None:
-                        log.row(step, step / per_epoch, loss_value, float(ce.detach()), float(ortho.detach()), acc,
-                                lr, seconds)
+                        log.row(step, step / per_epoch, loss_value, float(ce.detach()), float(ortho.detach()),
+                                float(f4.detach()), acc, lr, seconds)
                     if writer is not None:
                         for tag, value in (("loss", loss_value), ("ce", float(ce)), ("ortho", float(ortho)),
-                                           ("train_acc", acc), ("lr", lr)):
+                                           ("f4", float(f4)), ("train_acc", acc), ("lr", lr)):
                             writer.add_scalar(tag, value, step)
                     advance(1, epoch=f"{step / per_epoch:.2f}", loss=loss_value,
                             acc=sum(recent_acc) / len(recent_acc), lr=lr)
@@ -742,8 +772,13 @@ def _finetune(loaded: ck.LoadedModel, cfg: FinetuneConfig, out: Path, progress: 
     fixed = [b for b in convs if b.reprojections or b.rescale is not None]
     if fixed:
         rescaled = [b for b in fixed if b.rescale is not None]
-        notes.append(f"final verification: {len(fixed)} of {len(convs)} convs were above σmax ≤ {fixed[0].bound:g}·1.01 "
-                     f"after the last projection (up to {max(b.sigma_before for b in fixed):.4g}); re-projected"
+        if cfg.fastclip_to is not None:
+            what = (f"above σmax ≤ {fixed[0].bound:g}·1.001 as they run{' with their BatchNorm' if cfg.clip_with_bn else ''}"
+                    f" (up to {max(b.sigma_before for b in fixed):.4g}); FastClip rounds")
+        else:
+            what = (f"above σmax ≤ {fixed[0].bound:g}·1.01 after the last projection "
+                    f"(up to {max(b.sigma_before for b in fixed):.4g}); re-projected")
+        notes.append(f"final verification: {len(fixed)} of {len(convs)} convs were {what}"
                      + (f", {len(rescaled)} also rescaled (down to ×{min(b.rescale for b in rescaled):.3g})"
                         if rescaled else ""))
     acc_after = None
