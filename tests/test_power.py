@@ -164,6 +164,16 @@ def test_top_singular_of_tt_layer_and_warm_start():
     torch.testing.assert_close(cold.values, ref[:3], rtol=1e-7, atol=0)
     warm = top_singular(layer, (5, 8, 8), 3, tol=1e-8, start=cold.right)
     assert warm.converged and warm.products < cold.products
+    # vectors that are already the answer: one Rayleigh–Ritz step on the start block (block 5: A and Aᵀ per vector)
+    assert warm.products == 2 * 5
+    torch.testing.assert_close(warm.values, ref[:3], rtol=1e-7, atol=0)
+    # a start that is not converged still reaches the answer
+    # (a TT layer's operator acts on its core's r1 = 3 channels)
+    rough = top_singular(layer, (5, 8, 8), 3, tol=1e-8, start=torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert rough.converged
+    torch.testing.assert_close(rough.values, ref[:3], rtol=1e-7, atol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        top_singular(layer, (5, 8, 8), 3, start=torch.randn(2, 5, 8, 8, dtype=torch.float64))
 
 
 def test_top_singular_of_linear_and_tolerance_is_honoured():

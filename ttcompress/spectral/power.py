@@ -268,7 +268,8 @@ def top_singular(
 
     ``layer`` is an ``nn.Conv2d``/``TTConv2d`` with ``input_shape`` its input ``(H, W)`` (or ``(C, H, W)``), an
     ``nn.Linear``, or an :class:`Operator`.  ``start`` (``(j, *input_shape)``, e.g. the ``right`` vectors of an
-    earlier call) warm-starts the block; the rest is drawn from ``seed``.
+    earlier call) warm-starts the block; the rest is drawn from ``seed``.  A warm start is first tested alone, so
+    vectors that still fit cost only ``2·block`` operator applications.
     """
     op = _as_operator(layer, input_shape)
     ref = PowerIteration._reference(op)
@@ -297,16 +298,20 @@ def top_singular(
     g = torch.Generator().manual_seed((int(seed) * 1_000_003 + 7919) & 0x7FFF_FFFF_FFFF)
     x = torch.randn(n, p, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     if start is not None:
+        if tuple(start.shape[1:]) != shape:
+            raise ValueError(f"start vectors of shape {tuple(start.shape[1:])} do not fit the operator's input {shape}")
         warm = start.reshape(len(start), -1)[:p].T.to(device=device, dtype=dtype)
         x[:, : warm.shape[1]] = warm
     x = _orthonormalize(x, None)
     products = 0
     values = residuals = right = left = None
     converged = False
-    for _ in range(max(1, max_restarts)):
+    for round_ in range(max(1, max_restarts) + (start is not None)):
         blocks = [x]
         basis = x
-        for _ in range(steps - 1):
+        # a warm start is first checked on its own (Rayleigh–Ritz on the start block): an answer that is already
+        # converged then costs one forward and one adjoint per vector
+        for _ in range(0 if start is not None and round_ == 0 else steps - 1):
             if basis.shape[1] >= n:
                 break
             nxt = _orthonormalize(adjoint(forward(blocks[-1])), basis)
