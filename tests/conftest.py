@@ -32,3 +32,12 @@ def cifar_sample_path() -> Path:
     if not CIFAR_SAMPLE.exists():
         pytest.skip("../shared/data/cifar10-sample.npz not available")
     return CIFAR_SAMPLE
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny LAPACK calls: one thread avoids OpenMP contention on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,13 +18,7 @@ from ttcompress.spectral.network import layer_input_sizes, layer_spectrum
 from ttcompress.spectral.periodic import singular_values
 from ttcompress.tt import TTConv2d, conv_layers, decompose
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny LAPACK calls: one thread avoids OpenMP contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = [

@@ -15,12 +15,7 @@ from ttcompress.errors import UserError
 from ttcompress.soc import SOCLayer, SOCTTConv2d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LOGITS = torch.tensor([

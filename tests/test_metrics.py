@@ -29,13 +29,7 @@ def _linear_model(c=1, h=8, w=8, k=10, seed=0):
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(c * h * w, k))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread is fastest and keeps timings stable on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder:

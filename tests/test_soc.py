@@ -17,12 +17,7 @@ from ttcompress.soc import MaxMin, SOCConv2d, SOCLayer, SOCTTConv2d, series_tail
 from ttcompress.spectral.bounds import f4_bound
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense(module, in_shape):

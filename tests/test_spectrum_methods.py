@@ -20,13 +20,7 @@ from ttcompress.tt import TTConv2d, conv_layers
 ALL = ("exact", "f4", "fourier", "power")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny LAPACK calls: one thread avoids OpenMP contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear_part(layer: nn.Module):

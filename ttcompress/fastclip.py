@@ -37,6 +37,7 @@ from torch import nn
 
 from ttcompress.errors import UserError
 from ttcompress.kernel import apply_output_frame
+from ttcompress.probe import probe
 from ttcompress.spectral.power import ConvOperator, Triplets, conv_operator, top_singular
 from ttcompress.tt import TTConv2d, conv_layers, orthonormal_factors
 
@@ -279,18 +280,7 @@ def following_batchnorms(model: nn.Module, input_shape: Sequence[int], net: nn.M
 
     handles = [layer.register_forward_hook(produced(name)) for name, layer in conv_layers(net)]
     handles += [m.register_forward_pre_hook(consumes) for m in net.modules() if id(m) in bn_names]
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    probe(model, input_shape, handles)
     pairs = {}
     for conv, bns in found.items():
         if len(set(bns)) > 1:

@@ -11,6 +11,7 @@ from torch import nn
 
 from ttcompress.errors import UserError
 from ttcompress.kernel import Geometry, Size, spatial_dims
+from ttcompress.probe import probe
 from ttcompress.progress import Progress, ensure
 from ttcompress.spectral.ndim import singular_values_nd
 from ttcompress.tt import TTConv, conv_layers, orthonormal_factors
@@ -57,20 +58,7 @@ def layer_input_sizes(model: nn.Module, input_size: Sequence[int], net: nn.Modul
         def hook(_module, args, name=name, dims=spatial_dims(layer)):
             sizes[name] = tuple(int(v) for v in args[0].shape[-dims:])
         handles.append(layer.register_forward_pre_hook(hook))
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=device, dtype=dtype))
-    except RuntimeError as exc:
-        raise UserError(f"the model cannot run on inputs of size {tuple(input_size)}: {str(exc).splitlines()[0]}") from exc
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    probe(model, input_size, handles)
     return sizes
 
 
