@@ -35,11 +35,11 @@ from torch import nn
 
 from ttcompress.errors import UserError
 from ttcompress.kernel import Geometry
-from ttcompress.progress import Progress, ensure
+from ttcompress.progress import Progress
 from ttcompress.spectral.bounds import f4_bound, fourier_bound
-from ttcompress.spectral.network import LayerSpectrum, effective_kernel, layer_input_sizes, layer_spectrum
+from ttcompress.spectral.network import LayerSpectrum, each_layer, effective_kernel, layer_spectrum
 from ttcompress.spectral.power import top_singular
-from ttcompress.tt import TTConv, conv_layers
+from ttcompress.tt import TTConv
 
 __all__ = ["METHODS", "LayerMethods", "layer_methods", "network_methods", "parse_methods"]
 
@@ -209,12 +209,7 @@ def network_methods(
     """:func:`layer_methods` on every conv and TT layer of ``net`` (default ``model``), each on the input size it
     sees when ``model`` runs on ``input_size`` (C, H, W) inputs."""
     methods = parse_methods(methods)
-    net = model if net is None else net
-    sizes = layer_input_sizes(model, input_size, net)
-    layers = [(n, m) for n, m in conv_layers(net) if n in sizes]
-    out = []
-    with ensure(progress).task("spectrum", total=len(layers)) as advance:
-        for name, layer in layers:
-            out.append(layer_methods(name, layer, sizes[name], methods, dtype=dtype, top_k=top_k, tol=tol))
-            advance(1, layer=name)
-    return out
+    return each_layer(model, input_size,
+                      lambda name, layer, size: layer_methods(name, layer, size, methods, dtype=dtype, top_k=top_k,
+                                                              tol=tol),
+                      net=net, progress=progress)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -15,6 +15,8 @@ from ttcompress.probe import probe
 from ttcompress.progress import Progress, ensure
 from ttcompress.spectral.ndim import singular_values_nd
 from ttcompress.tt import TTConv, conv_layers, orthonormal_factors
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -109,12 +111,26 @@ def network_spectrum(
     progress: Progress | None = None,
 ) -> list[LayerSpectrum]:
     """Exact periodic singular values of every conv and TT layer of ``net`` (default ``model``)."""
+    return each_layer(model, input_size, lambda name, layer, size: layer_spectrum(name, layer, size, dtype=dtype),
+                      net=net, progress=progress)
+
+
+def each_layer(
+    model: nn.Module,
+    input_size: Sequence[int],
+    fn: Callable[[str, nn.Module, Size], T],
+    *,
+    net: nn.Module | None = None,
+    progress: Progress | None = None,
+) -> list[T]:
+    """``fn(name, layer, layer_input_size)`` for every conv and TT layer of ``net`` (default ``model``) that runs
+    when ``model`` sees one input of shape ``input_size``, in module order, with a progress task."""
     net = model if net is None else net
     sizes = layer_input_sizes(model, input_size, net)
     layers = [(n, m) for n, m in conv_layers(net) if n in sizes]
     out = []
     with ensure(progress).task("spectrum", total=len(layers)) as advance:
         for name, layer in layers:
-            out.append(layer_spectrum(name, layer, sizes[name], dtype=dtype))
+            out.append(fn(name, layer, sizes[name]))
             advance(1, layer=name)
     return out
