@@ -288,6 +288,37 @@ def load(
     return LoadedModel(model, meta, Path(path))
 
 
+def initialize(
+    arch: str,
+    *,
+    seed: int = 0,
+    num_classes: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> LoadedModel:
+    """A freshly initialised ``arch`` (registry name, ``torchvision:NAME`` or ``file.py:Class``) as a
+    :class:`LoadedModel`, its weights drawn from ``torch``'s default initialisers under ``seed`` — the start of a
+    run trained from scratch (e.g. the paper's LipConvNet / SOC-TT rows)."""
+    if num_classes is not None and num_classes < 1:
+        raise UserError(f"--num-classes must be a positive integer, got {num_classes}")
+    info = archs.resolve(arch)
+    state = torch.random.get_rng_state()  # the caller's random stream is left as it was
+    try:
+        torch.manual_seed(seed)
+        model = archs.build(arch, num_classes=num_classes, mean=mean, std=std)
+    finally:
+        torch.random.set_rng_state(state)
+    model.eval()
+    meta = ModelMeta(
+        arch=arch,
+        normalization=model.normalization,
+        input_size=list(info.input_size),
+        num_classes=archs.classifier_out_features(model.net) or (num_classes or info.num_classes),
+        tt_ranks=tt_ranks(model.net),
+    )
+    return LoadedModel(model, meta, None)
+
+
 # --- writing ------------------------------------------------------------------------------------------------------
 
 def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
