@@ -49,18 +49,21 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # Heavy imports are deferred: the memory children are started before this process loads torch, because on Linux
 # a child's ru_maxrss starts from its parent's resident size (it is kept across fork and exec).
-np = torch = periodic = Geometry = None
+np = torch = periodic = Geometry = pmap = workers_for = None
 
 
 def _import_torch() -> None:
-    global np, torch, periodic, Geometry
+    global np, torch, periodic, Geometry, pmap, workers_for
     import numpy
     import torch as _torch
 
     from ttcompress.kernel import Geometry as _Geometry
     from ttcompress.spectral import periodic as _periodic
+    from ttcompress.spectral.threads import pmap as _pmap
+    from ttcompress.spectral.threads import workers_for as _workers_for
 
     np, torch, periodic, Geometry = numpy, _torch, _periodic, _Geometry
+    pmap, workers_for = _pmap, _workers_for
 
 
 # --- reference implementations -----------------------------------------------------------------------------------
@@ -311,12 +314,12 @@ def main() -> None:
     def floor_spectrum(name: str) -> torch.Tensor:
         return floor_vals[name].double().clamp(min=0).sqrt().repeat_interleave(half[name], 0).flatten()
     err_floor = max(rel_err(floor_spectrum(k), refs[k]) for k in refs)
-    workers = periodic._workers(device)
+    workers = workers_for(device)
 
     def floor_threaded():
         for name, gm in grams.items():
             spans = periodic._spans(len(gm), max(1, -(-len(gm) // (4 * workers))))
-            floor_vals[name] = torch.cat(periodic._map(lambda s, gm=gm: torch.linalg.eigvalsh(gm[s]), spans, workers))
+            floor_vals[name] = torch.cat(pmap(lambda s, gm=gm: torch.linalg.eigvalsh(gm[s]), spans, workers))
     _, t_floor_threaded = timer(floor_threaded)
     print(f"floor (eigvalsh c64, half grid)   {t_floor:8.1f} s   err {err_floor:.1e}   "
           f"({workers} worker threads: {t_floor_threaded:.1f} s)", flush=True)

@@ -15,7 +15,7 @@ values in all, as for the dense operator.
   :func:`ttcompress.kernel.to_polyphase`, its DFT at the frequencies of a half grid (``P̂(−f) = conj P̂(f)`` for a
   real kernel: only ``0 ≤ f_last ≤ m_last/2`` is computed, the interior counted twice), and batched ``svdvals`` in
   complex64 (``dtype=float32``) or complex128 (float64), chunk by chunk so that memory stays bounded by
-  ``CHUNK_BYTES`` whatever the grid, the chunks spread over worker threads as in the 2-D path.  Polyphase channels
+  ``CHUNK_BYTES`` whatever the grid, the chunks spread over worker threads (:mod:`~ttcompress.spectral.threads`) as in the 2-D path.  Polyphase channels
   that no tap reaches (e.g. the idle phases of a strided 1×1×1 conv) are left out of the SVDs and contribute their
   zeros directly.
 """
@@ -29,6 +29,7 @@ import torch
 
 from ttcompress.kernel import Geometry, Size, ntuple, polyphase_layout, to_polyphase
 from ttcompress.spectral import periodic
+from ttcompress.spectral.threads import pmap, workers_for
 
 __all__ = ["CHUNK_BYTES", "half_grid", "singular_values_nd"]
 
@@ -76,7 +77,7 @@ def _direct(kernel: torch.Tensor, input_size: Size, geometry: Geometry, dtype: t
     freqs, weight = half_grid(layout.grid)
     scale = torch.tensor([1.0 / m for m in layout.grid], dtype=torch.float64)
     positions = layout.positions.double().T  # (D, T)
-    workers = periodic._workers(flat.device)
+    workers = workers_for(flat.device)
     if chunk is None:
         per_freq = 4 * cout * k * torch.empty((), dtype=ctype).element_size() + 16 * t
         chunk = max(1, min(CHUNK_BYTES // per_freq, math.ceil(len(freqs) / workers)))
@@ -89,7 +90,7 @@ def _direct(kernel: torch.Tensor, input_size: Size, geometry: Geometry, dtype: t
 
     # on a CPU the chunks go to periodic's worker threads, each with single-threaded BLAS/LAPACK: batched svdvals
     # on an OpenMP team stall when the cores are shared (4-6× slower with 2 threads on a busy 2-core machine)
-    sigma = torch.cat(periodic._map(svdvals, range(0, len(freqs), chunk), workers))  # (F, min(Cout, k))
+    sigma = torch.cat(pmap(svdvals, range(0, len(freqs), chunk), workers))  # (F, min(Cout, k))
     if sigma.shape[1] < full:  # phases no tap reaches: zero columns of P̂
         sigma = torch.cat([sigma, sigma.new_zeros(len(sigma), full - sigma.shape[1])], 1)
     return sigma.repeat_interleave(weight, dim=0).flatten()

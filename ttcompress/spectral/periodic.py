@@ -41,11 +41,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 
@@ -57,6 +54,7 @@ from ttcompress.kernel import (
     polyphase_layout,
     to_polyphase,
 )
+from ttcompress.spectral.threads import pmap, workers_for
 
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # working memory of one chunk of frequencies (one chunk in flight per worker)
 
@@ -66,8 +64,6 @@ _BUDGET = {torch.float32: 5e-5, torch.float64: 2e-11}
 _SWITCH = 0.25  # probe: above this share of frequencies the Gram cannot vouch for, the layer goes to svdvals
 _PROBE = 1  # frequencies per worker in that probe
 
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -149,10 +145,6 @@ def transfer_chunks(
 
 # --- chunked, threaded execution ---------------------------------------------------------------------------------
 
-def _workers(device: torch.device) -> int:
-    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
-
-
 def _spans(n: int, per_chunk: int) -> list[slice]:
     per_chunk = max(1, per_chunk)
     return [slice(s, min(s + per_chunk, n)) for s in range(0, n, per_chunk)]
@@ -176,48 +168,6 @@ def _chunk_spans(n: int, chunk: int | None, bytes_per_item: int, workers: int) -
             balanced = max(math.ceil(n / (16 * workers)), _SMALL_CHUNK_BYTES // bytes_per_item)
             chunk = max(1, min(chunk, balanced))
     return _spans(n, chunk)
-
-
-_threads_lock = threading.Lock()
-_threads_saved = {"depth": 0, "outer": 1}
-
-
-@contextmanager
-def _single_threaded_blas() -> Iterator[None]:
-    """torch (OpenMP, MKL) at one thread while any worker pool runs; the caller's count is restored by the last
-    pool to finish, so concurrent callers cannot leave it at one."""
-    with _threads_lock:
-        if _threads_saved["depth"] == 0:
-            _threads_saved["outer"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _threads_saved["depth"] += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_saved["depth"] -= 1
-            if _threads_saved["depth"] == 0:
-                torch.set_num_threads(_threads_saved["outer"])
-
-
-def _imap(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
-    """``fn(x) for x in items``, in order, computed on ``workers`` threads each running single-threaded
-    BLAS/LAPACK.  Results are handed over as they come, so a caller that reduces them holds only a few at a time."""
-    workers = min(workers, len(items))
-    if workers <= 1:
-        yield from (fn(x) for x in items)
-        return
-
-    def run(x: T) -> R:
-        torch.set_num_threads(1)  # this thread's OpenMP team (MKL's count is global)
-        return fn(x)
-
-    with _single_threaded_blas(), ThreadPoolExecutor(workers, thread_name_prefix="ttcompress-spectral") as pool:
-        yield from pool.map(run, items)
-
-
-def _map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
-    return list(_imap(fn, items, workers))
 
 
 # --- Gram matrices of the smaller side ---------------------------------------------------------------------------
@@ -296,7 +246,7 @@ class GramTerms:
                 right = side[[b for _, b in group]].transpose(0, 1).reshape(c, -1)
                 store(i, left @ right.T, slot)
 
-            _map(product, list(range(len(keys))), workers)
+            pmap(product, list(range(len(keys))), workers)
 
         def offsets(ds: list[Pair]) -> torch.Tensor:
             return torch.tensor(ds, dtype=torch.long, device=side.device).reshape(-1, 2)
@@ -382,7 +332,7 @@ def _autocorrelation_by_evaluation(
                 rr.add_(side[tap], alpha=wr[0][a] * wr[1][b])
         torch.matmul(q, rr.T, out=values[ij])
 
-    _map(evaluate, todo, workers)
+    pmap(evaluate, todo, workers)
     for ij, twin in mirror.items():
         p, r = pts[0][twin[0]], pts[1][twin[1]]
         torch.mul(values[twin].T, scale(p, deg[0]) * scale(r, deg[1]), out=values[ij])
@@ -514,7 +464,7 @@ class _Spectrum:
         def svdvals(s: slice) -> torch.Tensor:
             return torch.linalg.svdvals(self.source.transfer(freqs[s], ctype)).flip(-1).double()
 
-        parts = _map(svdvals, spans, workers)
+        parts = pmap(svdvals, spans, workers)
         if parts:
             self.sigma[rows] = torch.cat(parts)
             self.exact[rows] = True
@@ -524,7 +474,7 @@ class _Spectrum:
         workers = _job_workers(len(freqs), self.source.bytes_per_freq(), self.workers)
         spans = _chunk_spans(len(freqs), self.chunk, self.source.bytes_per_freq(), workers)
         ctype = self.ctype
-        parts = _map(lambda s: torch.linalg.eigvalsh(self.source.chunk(freqs[s], ctype)).double(), spans, workers)
+        parts = pmap(lambda s: torch.linalg.eigvalsh(self.source.chunk(freqs[s], ctype)).double(), spans, workers)
         return torch.cat(parts) if parts else self.sigma.new_empty(0, self.source.c)
 
     def compute(self) -> torch.Tensor:
@@ -554,7 +504,7 @@ def _frequency_singular_values(
     if used is not None:
         taps = taps[:, :, used]
     side, _ = _side(taps)
-    workers = _workers(taps.device)
+    workers = workers_for(taps.device)
     reps, inverse = frequency_classes(freqs, layout.positions, layout.grid)
     source = _GramSource(side, layout, len(reps), workers, interpolate=dtype != torch.float64)
     sigma = _Spectrum(source, freqs[reps], dtype, chunk, workers).compute()[inverse]
@@ -627,7 +577,7 @@ def clip(
     freqs = grid.freqs.to(device)
     weight = grid.weight.to(device, torch.float64)
     positions = layout.positions.to(device)
-    workers = _workers(device)
+    workers = workers_for(device)
     reps, inverse = frequency_classes(freqs, layout.positions, layout.grid)
     source = _GramSource(side, layout, len(reps), workers, interpolate=dtype != torch.float64)
     c, k = source.c, source.k
@@ -687,7 +637,7 @@ def clip(
 
     per_freq = 16 * (4 * c * c + 5 * c * k)
     workers = _job_workers(len(freqs), per_freq, workers)
-    _map(work, _chunk_spans(len(freqs), chunk, per_freq, workers), workers)
+    pmap(work, _chunk_spans(len(freqs), chunk, per_freq, workers), workers)
     total = sum(totals[1:], totals[0]) if totals else side.new_zeros(len(side), c * k)
     new_side = side - (total / (layout.grid[0] * layout.grid[1])).reshape(side.shape)
     new_taps = new_side.transpose(1, 2) if transposed else new_side
