@@ -233,22 +233,7 @@ def _net1d():
     )
 
 
-class Vol3d(nn.Module):
-    """A tiny volumetric classifier (also written to a file for the checkpoint and CLI tests)."""
-
-    input_size = (2, 4, 8, 8)
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv3d(2, 8, 3, padding=1)
-        self.down = nn.Conv3d(8, 12, 3, stride=2, padding=1)
-        self.fc = nn.Linear(12, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.down(torch.relu(self.stem(x))))
-        return self.fc(x.mean(dim=(2, 3, 4)))
-
-
+# a tiny volumetric classifier, as source: written to a file for the checkpoint and CLI tests, and run here
 VOL3D_SOURCE = '''import torch
 from torch import nn
 
@@ -266,6 +251,11 @@ class Vol3d(nn.Module):
         x = torch.relu(self.down(torch.relu(self.stem(x))))
         return self.fc(x.mean(dim=(2, 3, 4)))
 '''
+
+
+_vol3d_namespace: dict = {}
+exec(VOL3D_SOURCE, _vol3d_namespace)
+Vol3d = _vol3d_namespace["Vol3d"]
 
 
 def test_decompose_1d_and_3d_networks():

@@ -46,12 +46,12 @@ import torch
 from torch import nn
 
 from ttcompress.errors import UserError
-from ttcompress.fastclip import fastclip, layer_kernel, layer_sigma, write_kernel
+from ttcompress.fastclip import fastclip, layer_sigma
 from ttcompress.kernel import Geometry, Pair
 from ttcompress.spectral.periodic import clip as clip_kernel
 from ttcompress.spectral.periodic import singular_values
 from ttcompress.spectral.power import LinearMap, PowerIteration, conv_operator
-from ttcompress.tt import TTConv2d, conv_layers, orthonormal_factors
+from ttcompress.tt import TTConv2d, conv_layers, effective_factors, write_effective
 
 Sync = Callable[[torch.Tensor], None]  # in place: make the tensor equal on every rank (broadcast from rank 0)
 
@@ -63,32 +63,19 @@ FASTCLIP_SV_TOL = 1e-4  # ... with σmax from PowerQR to this relative accuracy
 
 # --- orthogonal loss (paper eq. 11) ---------------------------------------------------------------------------------
 
-def _gram_deviation(matrix: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``‖MMᵀ − I‖²_F`` on the smaller side of ``M`` (the side that can be orthonormal) and its entry count."""
-    m = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
-    gram = m @ m.T
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return ((gram - eye) ** 2).sum(), gram.numel()
-
-
 def orthogonal_loss(net: nn.Module) -> torch.Tensor:
     """Mean squared non-orthonormality of the TT frames (paper eq. 11, without the factor k).
 
     For every TT layer: ``‖F Fᵀ − I‖²_F`` for the first frame F (r1×Cin, orthonormal rows) and ``‖LᵀL − I‖²_F``
     for the last frame L (Cout×r2, orthonormal columns); summed over layers and divided by the total number of
-    Gram entries (``Σ r1² + r2²``).  Other layers with frames take part through an ``orthogonal_terms()`` method
-    returning ``(sum of squared deviations, entry count)`` (e.g. SOC-TT layers).  Differentiable; 0 for a network
+    Gram entries (``Σ r1² + r2²``).  Every layer with frames takes part through its ``orthogonal_terms()`` method
+    returning ``(sum of squared deviations, entry count)`` (TT layers of any dimension, SOC-TT layers).  Differentiable; 0 for a network
     without such layers.
     """
     total: torch.Tensor | None = None
     entries = 0
     for module in net.modules():
-        if isinstance(module, TTConv2d):
-            for frame in module.frames():
-                dev, count = _gram_deviation(frame)
-                total = dev if total is None else total + dev
-                entries += count
-        elif callable(getattr(module, "orthogonal_terms", None)):
+        if callable(getattr(module, "orthogonal_terms", None)):
             dev, count = module.orthogonal_terms()
             if count:
                 total = dev if total is None else total + dev
@@ -146,22 +133,6 @@ class _Conv:
     @property
     def geometry(self) -> Geometry:
         return Geometry.of(self.layer)
-
-
-def _kernel_and_frames(conv: _Conv, dtype: torch.dtype):
-    """(kernel, frames) with frames = (Qf, Ql) for a TT layer (kernel = the core after QR), else None."""
-    if conv.is_tt:
-        qf, core, ql = orthonormal_factors(conv.layer, dtype=dtype)  # type: ignore[arg-type]
-        return core, (qf, ql)
-    return conv.layer.weight.detach().to(dtype), None
-
-
-@torch.no_grad()
-def _write_kernel(conv: _Conv, kernel: torch.Tensor, frames) -> None:
-    if frames is None:
-        conv.layer.weight.copy_(kernel)
-    else:
-        conv.layer.set_factors(frames[0], kernel, frames[1])  # type: ignore[union-attr]
 
 
 def _exact_sigma(conv: _Conv, kernel: torch.Tensor, dtype: torch.dtype) -> float:
@@ -337,9 +308,9 @@ class Controller:
         bound = self.conv_bound if bound is None else bound
         for conv in self.convs:
             work = torch.float64 if conv.is_tt else conv.layer.weight.dtype
-            kernel, frames = _kernel_and_frames(conv, work)
+            kernel, frames = effective_factors(conv.layer, work)
             clipped = clip_kernel(kernel, conv.input_size, bound, conv.geometry, dtype=self.clip_dtype)
-            _write_kernel(conv, clipped, frames)
+            write_effective(conv.layer, clipped, frames)
             self._broadcast(self._conv_params(conv))
 
     @torch.no_grad()
@@ -362,7 +333,7 @@ class Controller:
         prepared = []
         sigmas = []
         for conv in self.convs:
-            kernel, frames = _kernel_and_frames(conv, torch.float64 if conv.is_tt else conv.layer.weight.dtype)
+            kernel, frames = effective_factors(conv.layer, torch.float64 if conv.is_tt else conv.layer.weight.dtype)
             dtype = next(conv.layer.parameters()).dtype  # iterate in the training precision
             op = conv_operator(conv.layer, conv.input_size, kernel.to(dtype))
             sigmas.append(self.power.estimate(conv.name, op).to(torch.float64))
@@ -372,7 +343,7 @@ class Controller:
             self.sync(sigma)
         factors = torch.clamp(sigma / self.divide_to, min=1.0)
         for (conv, kernel, frames), factor in zip(prepared, factors):
-            _write_kernel(conv, kernel / factor.to(kernel.dtype), frames)
+            write_effective(conv.layer, kernel / factor.to(kernel.dtype), frames)
 
     @torch.no_grad()
     def divide_linears(self) -> None:
@@ -470,7 +441,7 @@ class Controller:
         limit = None if bound is None else bound * (1 + self.tolerance)
         for conv in self.convs:
             assert bound is not None and limit is not None
-            kernel, frames = _kernel_and_frames(conv, self.verify_dtype)
+            kernel, frames = effective_factors(conv.layer, self.verify_dtype)
             sigma = before = _exact_sigma(conv, kernel, self.verify_dtype)
             report = BoundReport(conv.name, "tt" if conv.is_tt else "conv", bound, before, before)
             changed = False
@@ -485,7 +456,7 @@ class Controller:
                 sigma = _exact_sigma(conv, kernel, self.verify_dtype)
                 changed = True
             if changed:
-                _write_kernel(conv, kernel, frames)
+                write_effective(conv.layer, kernel, frames)
             report.sigma_after = sigma
             reports.append(report)
         return reports
@@ -518,8 +489,8 @@ class Controller:
             sigma, start = float(found.values[0]), found.right
         if sigma > limit:
             report.rescale = bound / sigma
-            kernel, frames = layer_kernel(conv.layer, dtype)
-            write_kernel(conv.layer, kernel * report.rescale, frames)
+            kernel, frames = effective_factors(conv.layer, dtype)
+            write_effective(conv.layer, kernel * report.rescale, frames)
             found = measure(start)
             sigma = float(found.values[0])
         self.fastclip_vectors[conv.name] = found.right

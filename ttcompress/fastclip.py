@@ -39,7 +39,7 @@ from ttcompress.errors import UserError
 from ttcompress.kernel import apply_output_frame
 from ttcompress.probe import probe
 from ttcompress.spectral.power import ConvOperator, Triplets, conv_operator, top_singular
-from ttcompress.tt import TTConv2d, conv_layers, orthonormal_factors
+from ttcompress.tt import Frames, conv_layers, effective_factors, write_effective
 
 __all__ = [
     "FastClipResult",
@@ -48,12 +48,8 @@ __all__ = [
     "fastclip",
     "fastclip_kernel",
     "following_batchnorms",
-    "layer_kernel",
     "layer_sigma",
-    "write_kernel",
 ]
-
-Frames = tuple[torch.Tensor, torch.Tensor] | None
 
 # Relative cut-off of the Gram matrix's pseudo-inverse.  Triplets of nearly equal σ are often near-translates of
 # each other, and so are their gradients (Gram condition numbers of 1e6–1e10 on ResNet-20 with k = 4); solving
@@ -76,24 +72,6 @@ class FastClipResult:
 
 
 # --- the layer's kernel and operator ----------------------------------------------------------------------------------
-
-def layer_kernel(layer: nn.Module, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, Frames]:
-    """``(kernel, frames)``: an ``nn.Conv2d``'s weight (frames None), or a TT layer's core after QR with the
-    orthonormal frames ``(Qf, Ql)``; detached, in ``dtype``."""
-    if isinstance(layer, TTConv2d):
-        qf, core, ql = orthonormal_factors(layer, dtype=dtype)
-        return core, (qf, ql)
-    return layer.weight.detach().to(dtype), None
-
-
-@torch.no_grad()
-def write_kernel(layer: nn.Module, kernel: torch.Tensor, frames: Frames) -> None:
-    """Write a kernel from :func:`layer_kernel` back (TT: with the orthonormal frames)."""
-    if frames is None:
-        layer.weight.copy_(kernel)
-    else:
-        layer.set_factors(frames[0], kernel, frames[1])  # type: ignore[operator]
-
 
 def batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """The eval-mode linear part of a BatchNorm, per channel: ``γ/√(running_var + ε)`` (γ = 1 without affine)."""
@@ -138,7 +116,7 @@ def layer_sigma(
 ) -> Triplets:
     """Top ``k`` singular triplets of the layer as it runs (with ``bn``: of the composition conv → BatchNorm), by
     :func:`~ttcompress.spectral.power.top_singular` (``block`` vectors, ``start`` warm-starts) to relative ``tol``."""
-    kernel, frames = layer_kernel(layer, dtype)
+    kernel, frames = effective_factors(layer, dtype)
     op = clip_operator(layer, input_hw, kernel, _output_map(frames, bn, dtype))
     return top_singular(op, k=k, block=block, tol=tol, start=_fitting(start, op), seed=seed, dtype=dtype)
 
@@ -241,12 +219,12 @@ def fastclip(
     """
     if getattr(layer, "groups", 1) != 1:
         raise ValueError("FastClip supports groups=1 only")
-    kernel, frames = layer_kernel(layer, dtype)
+    kernel, frames = effective_factors(layer, dtype)
     post = _output_map(frames, bn, dtype)
     new, result = fastclip_kernel(layer, input_hw, kernel, bound, post=post, k=k, rounds=rounds, tol=tol,
                                   sv_tol=sv_tol, start=start, seed=seed)
     if result.rounds:
-        write_kernel(layer, new, frames)
+        write_effective(layer, new, frames)
     return result
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttcompress.spectral.bounds import f4_reshapings
+from ttcompress.tt import frames_deviation
 
 __all__ = [
     "MaxMin", "SOCConv2d", "SOCLayer", "SOCTTConv2d", "series_tail", "skew_symmetric", "transpose_flip",
@@ -312,13 +313,9 @@ class SOCTTConv2d(nn.Module):
 
     def orthogonal_terms(self) -> tuple[torch.Tensor, int]:
         """``(‖FFᵀ − I‖²_F + ‖LᵀL − I‖²_F, r1² + r2²)`` — summed over layers and divided, this is eq. 11."""
-        f, ell = self.frames()
         if self.frame_in is None:
-            return f.new_zeros(()), 0
-        r1, r2 = f.shape[0], ell.shape[1]
-        eye1 = torch.eye(r1, dtype=f.dtype, device=f.device)
-        eye2 = torch.eye(r2, dtype=ell.dtype, device=ell.device)
-        return ((f @ f.T - eye1).pow(2).sum() + (ell.T @ ell - eye2).pow(2).sum(), r1 * r1 + r2 * r2)
+            return self.core.core.weight.new_zeros(()), 0
+        return frames_deviation(self.frames())
 
     def orthogonal_loss(self) -> torch.Tensor:
         """``(‖FFᵀ − I‖²_F + ‖LᵀL − I‖²_F) / (r1² + r2²)``: mean squared deviation of the frames' Grams from I."""

@@ -25,6 +25,21 @@ from ttcompress.errors import UserError
 DENSE_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def frames_deviation(frames: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``(Σ‖MMᵀ − I‖²_F, Σ entries of MMᵀ)`` over the frame matrices, each taken on its smaller side (the side that
+    can be orthonormal: a first frame's rows, a last frame's columns).  Differentiable."""
+    total, entries = None, 0
+    for frame in frames:
+        m = frame if frame.shape[0] <= frame.shape[1] else frame.T
+        gram = m @ m.T
+        dev = ((gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)) ** 2).sum()
+        total = dev if total is None else total + dev
+        entries += gram.numel()
+    if total is None:
+        raise ValueError("no frames")
+    return total, entries
+
+
 class TTConv(nn.Module):
     """``last(core(first(x)))``; behaves like the ``nn.ConvNd`` it replaces (same attributes, same output).
 
@@ -87,17 +102,9 @@ class TTConv(nn.Module):
         return K.as_matrix(self.first.weight), K.as_matrix(self.last.weight)
 
     def orthogonal_terms(self) -> tuple[torch.Tensor, int]:
-        """``(Σ‖MMᵀ − I‖²_F, entries)`` over both frames, each on its smaller side (the side that can be
-        orthonormal): the layer's share of the orthogonal loss (paper eq. 11).  Differentiable."""
-        total, entries = None, 0
-        for frame in self.frames():
-            m = frame if frame.shape[0] <= frame.shape[1] else frame.T
-            gram = m @ m.T
-            dev = ((gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)) ** 2).sum()
-            total = dev if total is None else total + dev
-            entries += gram.numel()
-        assert total is not None
-        return total, entries
+        """``(Σ‖MMᵀ − I‖²_F, entries)`` over both frames (:func:`frames_deviation`): the layer's share of the
+        orthogonal loss (paper eq. 11).  Differentiable."""
+        return frames_deviation(self.frames())
 
     @torch.no_grad()
     def set_factors(self, first: torch.Tensor, core: torch.Tensor, last: torch.Tensor) -> None:
@@ -174,6 +181,30 @@ def orthonormal_factors(layer: TTConv, dtype: torch.dtype = torch.float64):
     core = layer.core.weight.detach().to(dtype)
     core = K.apply_output_frame(K.apply_input_frame(core, rf), rl)
     return qf.T, core, ql
+
+
+Frames = tuple[torch.Tensor, torch.Tensor] | None
+
+
+def effective_factors(layer: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Frames]:
+    """``(kernel, frames)``: a conv's own weight (frames None), or a TT layer's core after QR of its frames with
+    the orthonormal frames ``(Qf, Ql)`` — the kernel that carries the layer's nonzero singular values (Theorem 3.2)
+    and what to write it back with.  Detached, in ``dtype`` (default: the weight's own for a conv, float64 for a
+    TT layer)."""
+    if isinstance(layer, TTConv):
+        qf, core, ql = orthonormal_factors(layer, dtype=torch.float64 if dtype is None else dtype)
+        return core, (qf, ql)
+    weight = layer.weight.detach()
+    return (weight if dtype is None else weight.to(dtype)), None
+
+
+@torch.no_grad()
+def write_effective(layer: nn.Module, kernel: torch.Tensor, frames: Frames) -> None:
+    """Write a kernel from :func:`effective_factors` back (a TT layer gets the orthonormal frames with it)."""
+    if frames is None:
+        layer.weight.copy_(kernel)
+    else:
+        layer.set_factors(frames[0], kernel, frames[1])  # type: ignore[operator]
 
 
 # --- TT-SVD -------------------------------------------------------------------------------------------------------

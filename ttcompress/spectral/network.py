@@ -14,7 +14,7 @@ from ttcompress.kernel import Geometry, Size, spatial_dims
 from ttcompress.probe import probe
 from ttcompress.progress import Progress, ensure
 from ttcompress.spectral.ndim import singular_values_nd
-from ttcompress.tt import TTConv, conv_layers, orthonormal_factors
+from ttcompress.tt import conv_layers, effective_factors
 
 T = TypeVar("T")
 
@@ -67,10 +67,8 @@ def layer_input_sizes(model: nn.Module, input_size: Sequence[int], net: nn.Modul
 def effective_kernel(layer: nn.Module) -> tuple[torch.Tensor, str]:
     """The kernel whose periodic spectrum carries the layer's nonzero singular values: the conv's own weight, or
     for a TT layer its core after QR of the frames (Theorem 3.2)."""
-    if isinstance(layer, TTConv):
-        _, core, _ = orthonormal_factors(layer)
-        return core, "tt"
-    return layer.weight.detach(), "conv"
+    kernel, frames = effective_factors(layer)
+    return kernel, "conv" if frames is None else "tt"
 
 
 def layer_spectrum(

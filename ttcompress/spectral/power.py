@@ -307,18 +307,17 @@ def top_singular(
     values = residuals = right = left = None
     converged = False
     for round_ in range(max(1, max_restarts) + (start is not None)):
-        blocks = [x]
-        basis = x
+        last = basis = x
         # a warm start is first checked on its own (Rayleigh–Ritz on the start block): an answer that is already
         # converged then costs one forward and one adjoint per vector
         for _ in range(0 if start is not None and round_ == 0 else steps - 1):
             if basis.shape[1] >= n:
                 break
-            nxt = _orthonormalize(adjoint(forward(blocks[-1])), basis)
-            products += 2 * blocks[-1].shape[1]
+            nxt = _orthonormalize(adjoint(forward(last)), basis)
+            products += 2 * last.shape[1]
             if nxt.shape[1] == 0:  # an invariant subspace: the Ritz values are exact
                 break
-            blocks.append(nxt)
+            last = nxt
             basis = torch.cat([basis, nxt], dim=1)
         image = forward(basis)  # (m, b)
         products += basis.shape[1]
