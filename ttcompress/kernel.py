@@ -104,6 +104,12 @@ def compose_tt(first: torch.Tensor, core: torch.Tensor, last: torch.Tensor) -> t
     return torch.einsum("ob,ba...,ac->oc...", last, core, first)
 
 
+def group_kernels(kernel: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
+    """A grouped conv's weight ``(Cout, Cin/g, *k)`` as the dense ``(Cout/g, Cin/g, *k)`` kernel of each group: the
+    operator is block diagonal over them."""
+    return kernel.chunk(groups, dim=0) if groups > 1 else (kernel,)
+
+
 def as_matrix(weight_1x1: torch.Tensor) -> torch.Tensor:
     """A 1×1 conv weight ``(Cout, Cin, 1, …)`` (any number of spatial dims) as the ``Cout × Cin`` matrix."""
     return weight_1x1.reshape(weight_1x1.shape[0], weight_1x1.shape[1])

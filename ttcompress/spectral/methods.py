@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ttcompress.errors import UserError
-from ttcompress.kernel import Geometry
+from ttcompress.kernel import Geometry, group_kernels
 from ttcompress.progress import Progress
 from ttcompress.spectral.bounds import f4_bound, fourier_bound
 from ttcompress.spectral.network import LayerSpectrum, each_layer, effective_kernel, layer_spectrum
@@ -125,25 +125,12 @@ class LayerMethods:
         }
 
 
-def _groups(layer: nn.Module) -> int:
-    return int(getattr(layer, "groups", 1))
-
-
-def _group_kernels(kernel: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
-    """The dense ``(Cout/g, Cin/g, kh, kw)`` kernel of each group of a grouped conv's weight."""
-    return kernel.chunk(groups, dim=0) if groups > 1 else (kernel,)
-
-
-def _exact(name: str, layer: nn.Module, input_hw: Sequence[int], dtype: torch.dtype) -> LayerSpectrum:
-    return layer_spectrum(name, layer, input_hw, dtype=dtype)  # grouped convs: the union of the groups' spectra
-
-
 def _kernel_bound(layer: nn.Module, bound, dtype: torch.dtype) -> float:
     kernel, _ = effective_kernel(layer)
     geometry = Geometry.of(layer)
     with torch.no_grad():
         return max(float(bound(k.to(dtype), geometry.stride, geometry.dilation))
-                   for k in _group_kernels(kernel, _groups(layer)))
+                   for k in group_kernels(kernel, int(getattr(layer, "groups", 1))))
 
 
 def layer_methods(
@@ -180,7 +167,7 @@ def layer_methods(
             continue
         start = time.perf_counter()
         if method == "exact":
-            out.spectrum = _exact(name, layer, out.input_size, dtype)
+            out.spectrum = layer_spectrum(name, layer, out.input_size, dtype=dtype)  # groups: union of spectra
         elif method == "f4":
             out.f4_bound = _kernel_bound(layer, f4_bound, dtype)
         elif method == "fourier":

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ttcompress.errors import UserError
-from ttcompress.kernel import Geometry, Size, spatial_dims
+from ttcompress.kernel import Geometry, Size, group_kernels, spatial_dims
 from ttcompress.probe import probe
 from ttcompress.progress import Progress, ensure
 from ttcompress.spectral.ndim import singular_values_nd
@@ -91,7 +91,7 @@ def layer_spectrum(
     kernel, kind = effective_kernel(layer)
     groups = int(getattr(layer, "groups", 1))
     parts = [singular_values_nd(k.to(dtype), size, stride, geometry.dilation, dtype=dtype).double().cpu()
-             for k in kernel.chunk(groups, dim=0)]
+             for k in group_kernels(kernel, groups)]
     values = torch.sort(torch.cat(parts), descending=True).values if groups > 1 else parts[0]
     grid = math.prod(n // s for n, s in zip(size, stride))
     full = grid * groups * min(layer.out_channels // groups, math.prod(stride) * layer.in_channels // groups)
