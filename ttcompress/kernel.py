@@ -149,6 +149,15 @@ class PolyphaseLayout:
     def phases(self) -> int:
         return math.prod(self.stride)
 
+    def used_channels(self, cin: int) -> torch.Tensor | None:
+        """Polyphase channels some tap reaches (``c·∏s + r̄`` for the phases ``r̄`` in use), or None when all are.
+        A strided 1×1 conv only reads phase 0: the other columns of ``P̂`` are zero and only add zero singular
+        values."""
+        used = sorted(set(self.tap_phase.flatten().tolist()))
+        if len(used) == self.phases:
+            return None
+        return (torch.arange(cin).unsqueeze(1) * self.phases + torch.tensor(used)).flatten()
+
     def taps(self) -> list[tuple[Size, int, int, bool]]:
         """``(a, position, phase, owner)`` for every tap ``a`` in row-major order, as Python ints."""
         shape = tuple(self.tap_position.shape)

@@ -52,15 +52,6 @@ def half_grid(grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return freqs, weight
 
 
-def _used_columns(layout, cin: int) -> torch.Tensor | None:
-    """Polyphase channels ``c·P + r`` for the phases ``r`` some tap reaches, or None when all are."""
-    phases = layout.phases
-    used = sorted(set(layout.tap_phase.flatten().tolist()))
-    if len(used) == phases:
-        return None
-    return (torch.arange(cin).unsqueeze(1) * phases + torch.tensor(used)).flatten()
-
-
 def _direct(kernel: torch.Tensor, input_size: Size, geometry: Geometry, dtype: torch.dtype,
             chunk: int | None) -> torch.Tensor:
     """Singular values (unsorted, float64) of the periodic strided conv by N-d polyphase + DFT + ``svdvals``."""
@@ -69,7 +60,7 @@ def _direct(kernel: torch.Tensor, input_size: Size, geometry: Geometry, dtype: t
     ctype = torch.complex128 if dtype == torch.float64 else torch.complex64
     taps = to_polyphase(kernel.detach().to(torch.float64), layout)  # (T, Cout, Cin·P)
     full = min(cout, taps.shape[2])
-    used = _used_columns(layout, cin)
+    used = layout.used_channels(cin)
     if used is not None:
         taps = taps[:, :, used.to(taps.device)]
     t, _, k = taps.shape

@@ -412,18 +412,6 @@ def _layout_and_taps(
     return layout, to_polyphase(work, layout)
 
 
-def _used_channels(taps: torch.Tensor, layout: PolyphaseLayout) -> torch.Tensor | None:
-    """Polyphase channels some tap can reach (``c·s1·s2 + r`` for the phases ``r`` in use), or None for all.  A
-    strided 1×1 conv only reads phase 0: the other columns of ``P̂`` are zero and only add zero singular values."""
-    phases = layout.phases
-    used = sorted(set(layout.tap_phase.flatten().tolist()))
-    if len(used) == phases:
-        return None
-    cin = taps.shape[2] // phases
-    index = torch.arange(cin).unsqueeze(1) * phases + torch.tensor(used)
-    return index.flatten().to(taps.device)
-
-
 def _untrusted(lam: torch.Tensor, ctype: torch.dtype, budget: float, sigma_max: float) -> torch.Tensor:
     """Rows (frequencies) whose smallest ``√λ`` may be off by more than ``budget·σmax``, for eigenvalues from a
     ``ctype`` eigensolver with error ``|λ̃ − λ| ≤ (16 + 4√c)·u·λmax(f)``.  Measured worst cases (MKL, random,
@@ -500,9 +488,9 @@ def _frequency_singular_values(
 ) -> torch.Tensor:
     """``(F, min(Cout, Cin·s²))`` singular values (ascending, float64) of ``P̂(f)`` for the given frequencies."""
     full = min(taps.shape[1], taps.shape[2])
-    used = _used_channels(taps, layout)
+    used = layout.used_channels(taps.shape[2] // layout.phases)
     if used is not None:
-        taps = taps[:, :, used]
+        taps = taps[:, :, used.to(taps.device)]
     side, _ = _side(taps)
     workers = workers_for(taps.device)
     reps, inverse = frequency_classes(freqs, layout.positions, layout.grid)
@@ -568,7 +556,9 @@ def clip(
         raise ValueError(f"clip bound must be positive, got {bound}")
     layout, full_taps = _layout_and_taps(kernel, input_size, geometry, dtype)
     full_taps = full_taps.double()
-    used = _used_channels(full_taps, layout)
+    used = layout.used_channels(full_taps.shape[2] // layout.phases)
+    if used is not None:
+        used = used.to(full_taps.device)
     taps = full_taps if used is None else full_taps[:, :, used]
     side, transposed = _side(taps)
     ctype = _complex_dtype(dtype)
