@@ -54,14 +54,16 @@ def test_stride_not_dividing_input_is_an_error():
         singular_values(torch.randn(2, 2, 3, 3), (7, 7), Geometry((2, 2)))
 
 
+@pytest.mark.parametrize("accumulate", ["frequency", "offsets"])
 @pytest.mark.parametrize("cout,cin,k,n,stride,dilation", CASES)
-def test_clip_is_sedghi_projection(cout, cin, k, n, stride, dilation):
+def test_clip_is_sedghi_projection(cout, cin, k, n, stride, dilation, accumulate):
     """The clipped kernel equals the dense-matrix construction: SVD of the operator, clamp, back to a kernel by
-    reading the kernel's own taps off the (block-circulant) clipped operator."""
+    reading the kernel's own taps off the (block-circulant) clipped operator — whichever way the change is summed
+    back to the taps."""
     torch.manual_seed(1)
     w = torch.randn(cout, cin, k, k, dtype=torch.float64)
     bound = 0.5 * float(singular_values(w, (n, n), Geometry(stride, dilation), dtype=torch.float64)[0])
-    got = clip(w, (n, n), bound, Geometry(stride, dilation), dtype=torch.float64)
+    got = clip(w, (n, n), bound, Geometry(stride, dilation), dtype=torch.float64, accumulate=accumulate)
     assert got.shape == w.shape
 
     # reference: clamp the dense operator's singular values; the projection onto "periodic strided convs" is then
@@ -293,26 +295,41 @@ def test_memory_is_bounded_by_the_chunk(monkeypatch):
         assert sizes and max(sizes) <= 2**20 < full
 
 
+@pytest.mark.parametrize("accumulate", ["frequency", "offsets"])
 @pytest.mark.parametrize("cout,cin,k,n,stride,dilation", CASES)
-def test_clip_float32_matches_float64(cout, cin, k, n, stride, dilation):
+def test_clip_float32_matches_float64(cout, cin, k, n, stride, dilation, accumulate):
     torch.manual_seed(2)
     w = torch.randn(cout, cin, k, k, dtype=torch.float64)
     bound = 0.6 * float(singular_values(w, (n, n), Geometry(stride, dilation), dtype=torch.float64)[0])
     exact = clip(w, (n, n), bound, Geometry(stride, dilation), dtype=torch.float64)
-    fast = clip(w.float(), (n, n), bound, Geometry(stride, dilation), dtype=torch.float32)
+    fast = clip(w.float(), (n, n), bound, Geometry(stride, dilation), dtype=torch.float32, accumulate=accumulate)
     assert fast.dtype == torch.float32
     assert (fast.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
 
 
+@pytest.mark.parametrize("accumulate", ["frequency", "offsets"])
 @pytest.mark.parametrize("factor", [0.95, 0.2])
-def test_clip_near_and_far_below_sigma_max_is_sedghi_projection(factor):
+def test_clip_near_and_far_below_sigma_max_is_sedghi_projection(factor, accumulate):
     """0.95·σmax: most frequencies have nothing to clip and are skipped; 0.2·σmax: every frequency is clipped."""
     torch.manual_seed(4)
     cout, cin, k, n = 6, 4, 3, 8
     w = torch.randn(cout, cin, k, k, dtype=torch.float64)
     bound = factor * float(singular_values(w, (n, n), dtype=torch.float64)[0])
-    got = clip(w, (n, n), bound, dtype=torch.float64, chunk=3)
+    got = clip(w, (n, n), bound, dtype=torch.float64, chunk=3, accumulate=accumulate)
     m = periodic_matrix(w, (n, n))
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     rows = ((u * s.clamp(max=bound)) @ vh).reshape(cout, n, n, cin, n, n)[:, 0, 0]
     torch.testing.assert_close(got, rows[:, :, :k, :k], atol=1e-9, rtol=1e-9)
+
+
+def test_clip_accumulate_is_checked():
+    with pytest.raises(ValueError, match="accumulate"):
+        clip(torch.randn(2, 2, 3, 3), (4, 4), 1.0, accumulate="fft")
+
+
+def test_clip_offset_form_is_chosen_where_it_saves_flops():
+    """The cost model behind ``accumulate="auto"``: many frequencies or a wide ``P̂`` favour the offsets, few
+    frequencies of a wide square layer (640 channels at 8×8) the per-frequency products."""
+    assert periodic._offset_form_cheaper(514, 9, 160, 160, 13)  # 160 channels at 32×32
+    assert periodic._offset_form_cheaper(34, 4, 640, 1280, 5)  # stride 2, 320 → 640 at 16×16
+    assert not periodic._offset_form_cheaper(34, 9, 640, 640, 13)  # 640 channels at 8×8

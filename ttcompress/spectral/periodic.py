@@ -172,6 +172,21 @@ def _chunk_spans(n: int, chunk: int | None, bytes_per_item: int, workers: int) -
 
 # --- Gram matrices of the smaller side ---------------------------------------------------------------------------
 
+def _canonical_offset(d: Pair, grid: Pair) -> tuple[Pair, bool]:
+    """The representative of the pair ``{δ, −δ}`` of grid offsets (modulo the grid, the smaller of the two), and
+    whether ``δ`` is its mirror ``−κ``."""
+    m1, m2 = grid
+    d = (d[0] % m1, d[1] % m2)
+    neg = ((-d[0]) % m1, (-d[1]) % m2)
+    return (d, False) if d <= neg else (neg, True)
+
+
+def _tap_offsets(positions: list[list[int]], grid: Pair) -> dict[tuple[int, int], tuple[Pair, bool]]:
+    """For every ordered pair of taps ``(i, j)``: the canonical offset of ``q_i − q_j`` and whether it is mirrored."""
+    return {(i, j): _canonical_offset((p[0] - q[0], p[1] - q[1]), grid)
+            for i, p in enumerate(positions) for j, q in enumerate(positions)}
+
+
 @dataclass(frozen=True)
 class GramTerms:
     """``G(f) = Σ_s S_s cos θ(f, δ_s) − i Σ_k K_k sin θ(f, δ_k)``: the Gram matrix ``Q̂(f) Q̂(f)ᴴ`` of a polyphase
@@ -198,19 +213,11 @@ class GramTerms:
         t, c, _ = side.shape
         m1, m2 = grid
         side = side.double()
-
-        def canonical(d: Pair) -> tuple[Pair, bool]:
-            d = (d[0] % m1, d[1] % m2)
-            neg = ((-d[0]) % m1, (-d[1]) % m2)
-            return (d, False) if d <= neg else (neg, True)
-
         pos = positions.tolist()
         pairs: dict[Pair, list[tuple[int, int]]] = {}
-        for i in range(t):
-            for j in range(t):
-                key, mirrored = canonical((pos[i][0] - pos[j][0], pos[i][1] - pos[j][1]))
-                if not mirrored:  # the mirrored pairs give A_κᵀ
-                    pairs.setdefault(key, []).append((i, j))
+        for (i, j), (key, mirrored) in _tap_offsets(pos, grid).items():
+            if not mirrored:  # the mirrored pairs give A_κᵀ
+                pairs.setdefault(key, []).append((i, j))
         keys = list(pairs)
         self_conjugate = [k == ((-k[0]) % m1, (-k[1]) % m2) for k in keys]
         evaluated = None
@@ -236,7 +243,7 @@ class GramTerms:
             coeff, deg = evaluated  # (2d1+1, 2d2+1, c, c): A_δ at [δ + d]
             for a in range(2 * deg[0] + 1):
                 for b in range(2 * deg[1] + 1):
-                    key, mirrored = canonical((a - deg[0], b - deg[1]))
+                    key, mirrored = _canonical_offset((a - deg[0], b - deg[1]), grid)
                     if not mirrored:  # the offsets ≡ −κ hold A_κᵀ; several may wrap onto one κ
                         store(order[key], coeff[a, b], slot)
         else:
@@ -530,6 +537,19 @@ def sigma_max(kernel: torch.Tensor, input_size: Pair, geometry: Geometry = Geome
 
 # --- clipping ----------------------------------------------------------------------------------------------------
 
+_OFFSET_BYTES = 8 * DEFAULT_CHUNK_BYTES  # most memory for one worker's float64 B(δ) accumulators in clip
+
+
+def _offset_form_cheaper(n_freqs: int, taps: int, c: int, k: int, n_offsets: int) -> bool:
+    """Whether :func:`clip` should sum its change through the tap offsets: fewer flops, with half the eigenpairs
+    active (real flops; float64 products weigh double, as they run at half the single-precision rate), and the
+    per-worker ``(D, c, c)`` accumulator within ``_OFFSET_BYTES``."""
+    active = c / 2
+    per_frequency = n_freqs * 8 * (2 * c * active * k)  # U_kᴴ Q̂ and U_k (·), complex
+    offsets = n_freqs * (8 * c * c * active + 2 * 2 * n_offsets * c * c) + 2 * 2 * taps * taps * c * c * k
+    return offsets < per_frequency and 8 * n_offsets * c * c <= _OFFSET_BYTES
+
+
 def clip(
     kernel: torch.Tensor,
     input_size: Pair,
@@ -538,6 +558,7 @@ def clip(
     *,
     dtype: torch.dtype = torch.float32,
     chunk: int | None = None,
+    accumulate: str = "auto",
 ) -> torch.Tensor:
     """Sedghi's projection: clip every singular value of the periodic strided conv at ``bound``, transform back,
     and keep the kernel's own support (``kh×kw`` taps).  Returns a kernel of the input's shape and dtype.
@@ -551,6 +572,11 @@ def clip(
     a cheap eigenvalue pass finds them, and is dropped once most frequencies turn out to be active.  ``dtype`` float32
     uses complex64 eigendecompositions of the Gram (operator error ~ u·σmax³/bound², about 1e-6 of the kernel at
     σmax ≈ 2·bound), float64 complex128.
+
+    ``accumulate`` is how the change gets back to the taps, both exact: ``"frequency"`` forms ``Δ(f)`` per
+    frequency (two complex products with ``Cin·s²`` columns), ``"offsets"`` only the ``c×c`` ``H(f)`` and sums it
+    over the tap offsets, then takes ``T²`` real products once (fewer flops when there are many frequencies or
+    ``P̂`` is wide, e.g. 32×32 inputs or stride 2); ``"auto"`` picks by flop count.
     """
     if bound <= 0:
         raise ValueError(f"clip bound must be positive, got {bound}")
@@ -583,23 +609,44 @@ def clip(
             return None
         return u[..., -count:], shrink[..., -count:]
 
+    pairs = _tap_offsets(layout.positions.tolist(), layout.grid)
+    keys = sorted({key for key, _ in pairs.values()})
+    if accumulate == "auto":
+        accumulate = "offsets" if _offset_form_cheaper(len(freqs), len(side), c, k, len(keys)) else "frequency"
+    elif accumulate not in ("frequency", "offsets"):
+        raise ValueError(f"accumulate must be 'auto', 'frequency' or 'offsets', got {accumulate!r}")
+    offsets = torch.tensor(keys, dtype=torch.long, device=device).reshape(-1, 2)
+
     totals: list[torch.Tensor] = []  # one accumulator per worker thread
     local, lock = threading.local(), threading.Lock()
 
-    def change(fr: torch.Tensor, w: torch.Tensor, u: torch.Tensor, shrink: torch.Tensor) -> None:
-        """Add ``Σ_f w_f Re(Δ(f) e^{+iθ(f,q)})`` at the support positions to this thread's ``(T, c·k)`` float64
-        accumulator (the 1/M comes later)."""
-        q = source.transfer(fr, ctype)
-        delta = (u * shrink.unsqueeze(-2).to(ctype)) @ (u.mH @ q)  # (F_c, c, k)
-        theta = _phases(fr, positions, layout.grid, torch.float64)
-        cos, sin = (w.unsqueeze(1) * torch.cos(theta)).T, (w.unsqueeze(1) * torch.sin(theta)).T  # (T, F_c)
-        flat = delta.reshape(len(fr), -1)
+    def accumulator(rows: int, cols: int) -> torch.Tensor:
         total = getattr(local, "total", None)
         if total is None:
-            total = local.total = torch.zeros(len(side), c * k, dtype=torch.float64, device=device)
+            total = local.total = torch.zeros(rows, cols, dtype=torch.float64, device=device)
             with lock:
                 totals.append(total)
+        return total
+
+    def add_transform(fr: torch.Tensor, w: torch.Tensor, at: torch.Tensor, values: torch.Tensor) -> None:
+        """Add ``Σ_f w_f Re(values(f) e^{+iθ(f, p)})`` for each grid position ``p`` of ``at`` to this thread's
+        ``(len(at), ·)`` float64 accumulator."""
+        theta = _phases(fr, at, layout.grid, torch.float64)
+        cos, sin = (w.unsqueeze(1) * torch.cos(theta)).T, (w.unsqueeze(1) * torch.sin(theta)).T  # (·, F_c)
+        flat = values.reshape(len(fr), -1)
+        total = accumulator(len(at), flat.shape[1])
         total.addmm_(cos, flat.real.double()).addmm_(sin, flat.imag.double(), alpha=-1)
+
+    def change(fr: torch.Tensor, w: torch.Tensor, u: torch.Tensor, shrink: torch.Tensor) -> None:
+        """Accumulate the kernel change of a chunk of frequencies, ``Δ(f) = U diag(shrink) Uᴴ Q̂(f)``: per
+        frequency, at the support positions (``(T, c·k)``); or through the tap offsets δ, as
+        ``B(δ) = Σ_f w_f Re(H(f) e^{+iθ(f,δ)})`` of ``H = U diag(shrink) Uᴴ`` (``(D, c·c)``), since
+        ``Σ_f w_f Re(Δ(f) e^{iθ(f,q_t)}) = Σ_t' B(q_t − q_t') Q_t'``.  The 1/M comes later."""
+        scaled = u * shrink.unsqueeze(-2).to(ctype)
+        if accumulate == "offsets":
+            add_transform(fr, w, offsets, scaled @ u.mH)
+        else:
+            add_transform(fr, w, positions, scaled @ (u.mH @ source.transfer(fr, ctype)))
 
     if len(reps) < len(freqs) and 32 * len(reps) * c * c <= DEFAULT_CHUNK_BYTES:
         # few distinct Grams (a 1×1 or dilated kernel): one eigendecomposition per class, shared by its frequencies
@@ -628,7 +675,19 @@ def clip(
     per_freq = 16 * (4 * c * c + 5 * c * k)
     workers = _job_workers(len(freqs), per_freq, workers)
     pmap(work, _chunk_spans(len(freqs), chunk, per_freq, workers), workers)
-    total = sum(totals[1:], totals[0]) if totals else side.new_zeros(len(side), c * k)
+    total = sum(totals[1:], totals[0]) if totals else None
+    if total is None:
+        total = side.new_zeros(len(side), c * k)
+    elif accumulate == "offsets":
+        b = total.reshape(len(keys), c, c)
+        index = {key: i for i, key in enumerate(keys)}
+        stacked = side.reshape(len(side) * c, k)
+
+        def block(i: int, j: int) -> torch.Tensor:
+            key, mirrored = pairs[(i, j)]
+            return b[index[key]].T if mirrored else b[index[key]]  # B(−κ) = B(κ)ᵀ
+        total = torch.stack([torch.cat([block(i, j) for j in range(len(side))], 1) @ stacked
+                             for i in range(len(side))])
     new_side = side - (total / (layout.grid[0] * layout.grid[1])).reshape(side.shape)
     new_taps = new_side.transpose(1, 2) if transposed else new_side
     if used is not None:
