@@ -226,11 +226,15 @@ def test_float32_contract_at_realistic_width(kind):
 
 
 def test_gram_eigenvalues_are_used_only_where_they_are_safe():
-    """A wide kernel (σmin far from 0) goes through Gram eigenvalues after the svdvals probe; a kernel with σ = 0 at
-    every frequency through svdvals everywhere.  Both agree with the dense operator."""
+    """A wide kernel (σmin far from 0) goes through Gram eigenvalues, its probe included; a wide kernel of rank
+    deficient channels (σ = 0 at every frequency) and a square one with σ = 0 everywhere through svdvals everywhere,
+    after a Gram probe (wide) or an svdvals probe (square).  All agree with the dense operator."""
     wide = torch.randn(8, 16, 3, 3, dtype=torch.float64)  # stride 2: 8 × 64
+    deficient = ill_conditioned("rank-deficient", 8, 16)  # stride 2: 8 × 64 of rank 4 at every frequency
     square = ill_conditioned("cluster-and-zeros", 16, 16)
-    for w, stride, all_exact in [(wide, 2, False), (square, 1, True)]:
+    for w, stride, all_exact, probe_exact in [(wide, 2, False, False), (deficient, 2, True, True),
+                                              (square, 1, True, True)]:
+        ref = dense_singular_values(periodic_matrix(w, (8, 8), (stride, stride)))
         for dtype in (torch.float32, torch.float64):
             layout, taps = periodic._layout_and_taps(w, (8, 8), Geometry((stride, stride)), dtype)
             side, _ = periodic._side(taps)
@@ -238,7 +242,10 @@ def test_gram_eigenvalues_are_used_only_where_they_are_safe():
             spectrum = periodic._Spectrum(periodic._GramSource(side, layout, len(freqs), 1), freqs, dtype, None, 1)
             spectrum.compute()
             assert bool(spectrum.exact.all()) == all_exact
-            assert bool(spectrum.exact[:1].all())  # the probe
+            assert bool(spectrum.exact[:1].all()) == probe_exact
+            got = singular_values(w.to(dtype), (8, 8), Geometry((stride, stride)), dtype=dtype).double()
+            tol = 1e-4 if dtype == torch.float32 else 1e-10
+            assert (got - ref).abs().max() <= tol * ref[0]
 
 
 def test_untrusted_flags_small_values_only():

@@ -27,7 +27,8 @@ How they are computed (``benchmarks/spectrum_bench.py`` measures each choice):
   float32, 2e-11·σmax for float64) get ``svdvals`` of ``P̂`` itself (error ~u·σmax, no squaring) in the same
   precision — complex64 for ``dtype=float32``, complex128 for float64.  A probe of one frequency per worker decides
   the layer: square layers (random or trained) have a σ ≈ 0 at nearly every frequency and go to ``svdvals``
-  directly; wide ones (stride 2: ``Cout × 4Cin``) keep σmin far from 0 and take the Gram, which is also smaller.
+  directly; wide ones (stride 2: ``Cout × 4Cin``) keep σmin far from 0 and take the Gram, which is also smaller
+  (they are probed through the Gram itself: ``svdvals`` of a wide ``P̂`` costs several of its eigenvalue calls).
 - **Bounded memory.**  Everything per frequency is produced and consumed chunk by chunk (``DEFAULT_CHUNK_BYTES``
   per chunk, one chunk in flight per worker); nothing of size ``m1·m2·c²`` is held.  Peak extra memory is about
   ``workers × DEFAULT_CHUNK_BYTES`` plus the ``A_δ`` (25·c² doubles for a 3×3 kernel).
@@ -63,6 +64,7 @@ _UNIT_ROUNDOFF = {torch.complex64: 2.0**-24, torch.complex128: 2.0**-53}
 _BUDGET = {torch.float32: 5e-5, torch.float64: 2e-11}
 _SWITCH = 0.25  # probe: above this share of frequencies the Gram cannot vouch for, the layer goes to svdvals
 _PROBE = 1  # frequencies per worker in that probe
+_WIDE = 2  # P̂ with at least this many times more columns than rows is probed through its Gram
 
 
 
@@ -436,9 +438,10 @@ class _Spectrum:
 
     Two ways per frequency: the eigenvalues of the Gram (cheap, ``c×c`` even when ``P̂`` is wide, but they lose
     small σ) and ``svdvals`` of ``P̂`` itself (error ~ u·σmax for every σ), in complex64 for ``dtype=float32`` and
-    complex128 for float64.  A probe of one frequency per worker goes through ``svdvals``; if the Gram would not have
-    been trustworthy there (a σ near zero: typical of square layers), every frequency does, otherwise the Gram is used
-    and the frequencies it cannot vouch for (:func:`_untrusted`, with the final σmax) are redone with ``svdvals``.
+    complex128 for float64.  A probe of one frequency per worker goes through ``svdvals`` (through the Gram for a wide
+    ``P̂``); if the Gram would not have been trustworthy there (a σ near zero: typical of square layers), every
+    frequency goes through ``svdvals``, otherwise the Gram is used and the frequencies it cannot vouch for
+    (:func:`_untrusted`, with the final σmax) are redone with ``svdvals``.
     """
 
     def __init__(self, source: _GramSource, freqs: torch.Tensor, dtype: torch.dtype, chunk: int | None,
@@ -475,17 +478,25 @@ class _Spectrum:
     def compute(self) -> torch.Tensor:
         n = len(self.freqs)
         probe = slice(0, min(n, self.workers * _PROBE))
-        self._svd(probe)
-        seen = self.sigma[probe]
-        if float(_untrusted(seen**2, self.ctype, self.budget, float(seen[:, -1].max())).double().mean()) > _SWITCH:
-            self._svd(slice(probe.stop, n))
+        # a wide P̂ (k ≥ 2c, e.g. stride 2) is probed through its Gram, whose eigenvalues are then kept: its svdvals
+        # cost several eigvalsh of the Gram, and such layers rarely need them; a square-ish one through svdvals
+        wide = self.source.k >= _WIDE * self.source.c
+        if wide:
+            seen = self._gram(probe)
+        else:
+            self._svd(probe)
+            seen = self.sigma[probe] ** 2
+        top = float(seen[:, -1].clamp(min=0).max().sqrt()) if len(seen) else 0.0
+        if float(_untrusted(seen, self.ctype, self.budget, top).double().mean()) > _SWITCH:
+            self._svd(slice(0 if wide else probe.stop, n))
             return self.sigma
-        rest = slice(probe.stop, n)
-        lam = self._gram(rest)
-        self.sigma[rest] = lam.clamp(min=0).sqrt()
+        gram = slice(0 if wide else probe.stop, n)
+        rest = self._gram(slice(probe.stop, n))
+        lam = torch.cat([seen, rest]) if wide else rest
+        self.sigma[gram] = lam.clamp(min=0).sqrt()
         sigma_max = float(self.sigma[:, -1].max()) if n else 0.0
         redo = torch.zeros(n, dtype=torch.bool, device=self.freqs.device)
-        redo[rest] = _untrusted(lam, self.ctype, self.budget, sigma_max)
+        redo[gram] = _untrusted(lam, self.ctype, self.budget, sigma_max)
         self._svd(redo.nonzero().flatten())
         return self.sigma
 
