@@ -335,8 +335,28 @@ def test_clip_accumulate_is_checked():
 
 
 def test_clip_offset_form_is_chosen_where_it_saves_flops():
-    """The cost model behind ``accumulate="auto"``: many frequencies or a wide ``P̂`` favour the offsets, few
-    frequencies of a wide square layer (640 channels at 8×8) the per-frequency products."""
-    assert periodic._offset_form_cheaper(514, 9, 160, 160, 13)  # 160 channels at 32×32
-    assert periodic._offset_form_cheaper(34, 4, 640, 1280, 5)  # stride 2, 320 → 640 at 16×16
-    assert not periodic._offset_form_cheaper(34, 9, 640, 640, 13)  # 640 channels at 8×8
+    """The cost model behind ``accumulate="auto"``: many eigenpairs above the bound with many frequencies or a wide
+    ``P̂`` favour the offsets; few active eigenpairs, or few frequencies of a square layer, the per-frequency
+    products."""
+    assert periodic._offset_form_cheaper(80, 514, 9, 160, 160, 13)  # 160 channels at 32×32, half active
+    assert not periodic._offset_form_cheaper(4, 514, 9, 160, 160, 13)  # … four active
+    assert periodic._offset_form_cheaper(320, 34, 4, 640, 1280, 5)  # stride 2, 320 → 640 at 16×16
+    assert not periodic._offset_form_cheaper(640, 34, 9, 640, 640, 13)  # 640 channels at 8×8, all active
+
+
+def test_clip_auto_mixes_both_forms_within_one_layer(monkeypatch):
+    """With a cost model that alternates between the forms chunk by chunk, both accumulators are filled and their
+    sum is still the Sedghi projection."""
+    torch.manual_seed(5)
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    bound = 0.3 * float(singular_values(w, (8, 8), dtype=torch.float64)[0])
+    ref = clip(w, (8, 8), bound, dtype=torch.float64, accumulate="frequency")
+    calls = []
+
+    def alternate(*args):
+        calls.append(len(calls) % 2 == 0)
+        return calls[-1]
+    monkeypatch.setattr(periodic, "_offset_form_cheaper", alternate)
+    got = clip(w, (8, 8), bound, dtype=torch.float64, chunk=4, accumulate="auto")
+    assert True in calls and False in calls
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)

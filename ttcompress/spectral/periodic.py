@@ -551,13 +551,13 @@ def sigma_max(kernel: torch.Tensor, input_size: Pair, geometry: Geometry = Geome
 _OFFSET_BYTES = 8 * DEFAULT_CHUNK_BYTES  # most memory for one worker's float64 B(δ) accumulators in clip
 
 
-def _offset_form_cheaper(n_freqs: int, taps: int, c: int, k: int, n_offsets: int) -> bool:
-    """Whether :func:`clip` should sum its change through the tap offsets: fewer flops, with half the eigenpairs
-    active (real flops; float64 products weigh double, as they run at half the single-precision rate), and the
-    per-worker ``(D, c, c)`` accumulator within ``_OFFSET_BYTES``."""
-    active = c / 2
-    per_frequency = n_freqs * 8 * (2 * c * active * k)  # U_kᴴ Q̂ and U_k (·), complex
-    offsets = n_freqs * (8 * c * c * active + 2 * 2 * n_offsets * c * c) + 2 * 2 * taps * taps * c * c * k
+def _offset_form_cheaper(active: int, n_freqs: int, taps: int, c: int, k: int, n_offsets: int) -> bool:
+    """Whether :func:`clip` should sum the change of a chunk of frequencies with ``active`` eigenpairs above the
+    bound through the tap offsets: fewer real flops per frequency (float64 ones weigh double: they run at half the
+    single-precision rate), the final ``T²`` products shared by all ``n_freqs`` frequencies, and each worker's
+    ``(D, c, c)`` accumulator within ``_OFFSET_BYTES``."""
+    per_frequency = 8 * 2 * c * active * k  # U_kᴴ Q̂ and U_k (·): complex products
+    offsets = 8 * c * c * active + 2 * 2 * n_offsets * c * c + 2 * 2 * taps * taps * c * c * k / max(1, n_freqs)
     return offsets < per_frequency and 8 * n_offsets * c * c <= _OFFSET_BYTES
 
 
@@ -586,8 +586,9 @@ def clip(
 
     ``accumulate`` is how the change gets back to the taps, both exact: ``"frequency"`` forms ``Δ(f)`` per
     frequency (two complex products with ``Cin·s²`` columns), ``"offsets"`` only the ``c×c`` ``H(f)`` and sums it
-    over the tap offsets, then takes ``T²`` real products once (fewer flops when there are many frequencies or
-    ``P̂`` is wide, e.g. 32×32 inputs or stride 2); ``"auto"`` picks by flop count.
+    over the tap offsets, then takes ``T²`` real products once (fewer flops when many eigenpairs are above the bound
+    and there are many frequencies or ``P̂`` is wide, e.g. 32×32 inputs or stride 2); ``"auto"`` picks per chunk of
+    frequencies by flop count.
     """
     if bound <= 0:
         raise ValueError(f"clip bound must be positive, got {bound}")
@@ -620,44 +621,43 @@ def clip(
             return None
         return u[..., -count:], shrink[..., -count:]
 
+    if accumulate not in ("auto", "frequency", "offsets"):
+        raise ValueError(f"accumulate must be 'auto', 'frequency' or 'offsets', got {accumulate!r}")
     pairs = _tap_offsets(layout.positions.tolist(), layout.grid)
     keys = sorted({key for key, _ in pairs.values()})
-    if accumulate == "auto":
-        accumulate = "offsets" if _offset_form_cheaper(len(freqs), len(side), c, k, len(keys)) else "frequency"
-    elif accumulate not in ("frequency", "offsets"):
-        raise ValueError(f"accumulate must be 'auto', 'frequency' or 'offsets', got {accumulate!r}")
     offsets = torch.tensor(keys, dtype=torch.long, device=device).reshape(-1, 2)
 
-    totals: list[torch.Tensor] = []  # one accumulator per worker thread
+    totals: dict[str, list[torch.Tensor]] = {"frequency": [], "offsets": []}  # per form, one per worker thread
     local, lock = threading.local(), threading.Lock()
 
-    def accumulator(rows: int, cols: int) -> torch.Tensor:
-        total = getattr(local, "total", None)
-        if total is None:
-            total = local.total = torch.zeros(rows, cols, dtype=torch.float64, device=device)
-            with lock:
-                totals.append(total)
-        return total
-
-    def add_transform(fr: torch.Tensor, w: torch.Tensor, at: torch.Tensor, values: torch.Tensor) -> None:
+    def add_transform(form: str, fr: torch.Tensor, w: torch.Tensor, at: torch.Tensor, values: torch.Tensor) -> None:
         """Add ``Σ_f w_f Re(values(f) e^{+iθ(f, p)})`` for each grid position ``p`` of ``at`` to this thread's
-        ``(len(at), ·)`` float64 accumulator."""
+        ``(len(at), ·)`` float64 accumulator of ``form``."""
         theta = _phases(fr, at, layout.grid, torch.float64)
         cos, sin = (w.unsqueeze(1) * torch.cos(theta)).T, (w.unsqueeze(1) * torch.sin(theta)).T  # (·, F_c)
         flat = values.reshape(len(fr), -1)
-        total = accumulator(len(at), flat.shape[1])
-        total.addmm_(cos, flat.real.double()).addmm_(sin, flat.imag.double(), alpha=-1)
+        mine = local.__dict__.setdefault("totals", {})
+        if form not in mine:
+            mine[form] = torch.zeros(len(at), flat.shape[1], dtype=torch.float64, device=device)
+            with lock:
+                totals[form].append(mine[form])
+        mine[form].addmm_(cos, flat.real.double()).addmm_(sin, flat.imag.double(), alpha=-1)
 
     def change(fr: torch.Tensor, w: torch.Tensor, u: torch.Tensor, shrink: torch.Tensor) -> None:
         """Accumulate the kernel change of a chunk of frequencies, ``Δ(f) = U diag(shrink) Uᴴ Q̂(f)``: per
         frequency, at the support positions (``(T, c·k)``); or through the tap offsets δ, as
         ``B(δ) = Σ_f w_f Re(H(f) e^{+iθ(f,δ)})`` of ``H = U diag(shrink) Uᴴ`` (``(D, c·c)``), since
-        ``Σ_f w_f Re(Δ(f) e^{iθ(f,q_t)}) = Σ_t' B(q_t − q_t') Q_t'``.  The 1/M comes later."""
+        ``Σ_f w_f Re(Δ(f) e^{iθ(f,q_t)}) = Σ_t' B(q_t − q_t') Q_t'`` — whichever costs less for this chunk's
+        number of active eigenpairs.  The 1/M comes later."""
         scaled = u * shrink.unsqueeze(-2).to(ctype)
-        if accumulate == "offsets":
-            add_transform(fr, w, offsets, scaled @ u.mH)
+        form = accumulate
+        if form == "auto":
+            cheaper = _offset_form_cheaper(u.shape[-1], len(freqs), len(side), c, k, len(keys))
+            form = "offsets" if cheaper else "frequency"
+        if form == "offsets":
+            add_transform(form, fr, w, offsets, scaled @ u.mH)
         else:
-            add_transform(fr, w, positions, scaled @ (u.mH @ source.transfer(fr, ctype)))
+            add_transform(form, fr, w, positions, scaled @ (u.mH @ source.transfer(fr, ctype)))
 
     if len(reps) < len(freqs) and 32 * len(reps) * c * c <= DEFAULT_CHUNK_BYTES:
         # few distinct Grams (a 1×1 or dilated kernel): one eigendecomposition per class, shared by its frequencies
@@ -686,19 +686,22 @@ def clip(
     per_freq = 16 * (4 * c * c + 5 * c * k)
     workers = _job_workers(len(freqs), per_freq, workers)
     pmap(work, _chunk_spans(len(freqs), chunk, per_freq, workers), workers)
-    total = sum(totals[1:], totals[0]) if totals else None
-    if total is None:
-        total = side.new_zeros(len(side), c * k)
-    elif accumulate == "offsets":
-        b = total.reshape(len(keys), c, c)
+    total = side.new_zeros(len(side), c, k)
+    for part in totals["frequency"]:
+        total += part.reshape(total.shape)
+    if totals["offsets"]:
+        b = totals["offsets"][0]
+        for part in totals["offsets"][1:]:
+            b += part
+        b = b.reshape(len(keys), c, c)
         index = {key: i for i, key in enumerate(keys)}
         stacked = side.reshape(len(side) * c, k)
 
         def block(i: int, j: int) -> torch.Tensor:
             key, mirrored = pairs[(i, j)]
             return b[index[key]].T if mirrored else b[index[key]]  # B(−κ) = B(κ)ᵀ
-        total = torch.stack([torch.cat([block(i, j) for j in range(len(side))], 1) @ stacked
-                             for i in range(len(side))])
+        for i in range(len(side)):
+            total[i] += torch.cat([block(i, j) for j in range(len(side))], 1) @ stacked
     new_side = side - (total / (layout.grid[0] * layout.grid[1])).reshape(side.shape)
     new_taps = new_side.transpose(1, 2) if transposed else new_side
     if used is not None:
