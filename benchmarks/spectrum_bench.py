@@ -269,12 +269,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     ap.add_argument("--skip-numpy", action="store_true", help="skip the (slow) numpy reference; errors then use ours "
                     "in float64 as the reference")
+    ap.add_argument("--markdown", type=Path, metavar="JSON", help="print the table of a results file as Markdown "
+                    "(the README's form) and exit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--channels", type=int, default=640, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=32, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.channels, args.size, args.device)
+        return
+    if args.markdown:
+        results = json.loads(args.markdown.read_text())
+        print(markdown_table(results["rows"], results["info"]))
         return
 
     # memory first, from a parent without torch: one 640-channel (quick: 256) 3×3 layer at 32×32 (quick: 16×16)
@@ -528,6 +534,26 @@ def print_table(rows: list[dict], info: dict) -> None:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print("errors: spectra — max |value − float64 reference| / σmax over all layers; clip — max |Δkernel| / max|kernel|")
+
+
+def markdown_table(rows: list[dict], info: dict) -> str:
+    m = info["machine"]
+    lines = [f"`python benchmarks/spectrum_bench.py`, {info['network']}, random weights, 32×32 inputs, {m['cores']}-core "
+             f"{m['cpu']} CPU, torch {m['torch']}, run {info['date'].replace('T', ' ')[:16]} (load average "
+             f"before/after: {info['load_before'][0]} / {info['load_after'][0]}):", "",
+             "| task | reference | ref. time | ttcompress | time | ratio | max error / σmax (ref, ours) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        note = f" ({r['note']})" if r.get("note") else ""
+        if "ref_mib" in r:
+            lines.append(f"| {r['task']} | {r['reference']} | {r['ref_mib']:.0f} MiB peak | {r['ours']} | "
+                         f"{r['ours_mib']:.0f} MiB peak | | {note.strip(' ()')} |")
+            continue
+        ref_s = "—" if r["ref_s"] is None else f"{r['ref_s']:.1f} s"
+        ratio = "—" if r["speedup"] is None else f"×{r['speedup']:.2f}"
+        lines.append(f"| {r['task']} | {r['reference']} | {ref_s} | {r['ours']} | {r['ours_s']:.1f} s | {ratio} | "
+                     f"{fmt(r['ref_err'], '.1e')}, {fmt(r['ours_err'], '.1e')}{note} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
