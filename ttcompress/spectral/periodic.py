@@ -44,6 +44,7 @@ import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -569,7 +570,7 @@ def clip(
     *,
     dtype: torch.dtype = torch.float32,
     chunk: int | None = None,
-    accumulate: str = "auto",
+    accumulate: Literal["auto", "frequency", "offsets"] = "auto",
 ) -> torch.Tensor:
     """Sedghi's projection: clip every singular value of the periodic strided conv at ``bound``, transform back,
     and keep the kernel's own support (``kh×kw`` taps).  Returns a kernel of the input's shape and dtype.
@@ -636,7 +637,9 @@ def clip(
         theta = _phases(fr, at, layout.grid, torch.float64)
         cos, sin = (w.unsqueeze(1) * torch.cos(theta)).T, (w.unsqueeze(1) * torch.sin(theta)).T  # (·, F_c)
         flat = values.reshape(len(fr), -1)
-        mine = local.__dict__.setdefault("totals", {})
+        mine = getattr(local, "totals", None)
+        if mine is None:
+            mine = local.totals = {}
         if form not in mine:
             mine[form] = torch.zeros(len(at), flat.shape[1], dtype=torch.float64, device=device)
             with lock:
