@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -474,7 +475,7 @@ def test_nd_f4_bound_and_power_against_dense_operators(cls, cout, cin, k, n, str
     from ttcompress.spectral.bounds import f4_bound
     from ttcompress.spectral.power import top_singular
 
-    torch.manual_seed(sum(map(hash, (cout, cin, str(k), str(n)))) % 1000)
+    torch.manual_seed(zlib.crc32(repr((cout, cin, k, n)).encode()) % 1000)  # str hashes vary per process
     conv = cls(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=False).double()
     dims = 1 if cls is nn.Conv1d else 3
     size = K.ntuple(n, dims)

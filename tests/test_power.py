@@ -176,6 +176,22 @@ def test_top_singular_of_tt_layer_and_warm_start():
         top_singular(layer, (5, 8, 8), 3, start=torch.randn(2, 5, 8, 8, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_top_singular_converges_tightly_when_the_second_value_has_a_close_neighbour(seed):
+    # σ₂ and σ₃ 0.4 % apart: once the block is nearly converged the new Krylov directions are the tiny Ritz
+    # residuals, and a loose rank cut in the orthonormalisation dropped them, stalling σ₂'s residual near 1e-10
+    g = torch.Generator().manual_seed(seed)
+    m, n = 256, 192
+    u, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    s = torch.linspace(1.0, 0.05, n, dtype=torch.float64)
+    s[:3] = torch.tensor([1.1, 1.004, 1.0], dtype=torch.float64)
+    found = top_singular(LinearMap(u @ torch.diag(s) @ v.T), k=2, tol=1e-11)
+    assert found.converged
+    torch.testing.assert_close(found.values, s[:2], rtol=1e-13, atol=0)
+    assert bool((found.residuals <= 1e-11 * found.values).all())
+
+
 def test_top_singular_of_linear_and_tolerance_is_honoured():
     torch.manual_seed(2)
     lin = nn.Linear(40, 30, bias=False).double()
