@@ -452,13 +452,14 @@ def test_kill_9_and_resume_from_the_command_line(tiny):
 
     def command(out, *extra):
         return [sys.executable, "-m", "ttcompress", "finetune", str(tiny["model"]), "--data", str(tiny["data"]),
-                "--steps", "12", "--batch-size", "16", "--clip-to", "1", "--clip-every", "3", "--divide-to", "2",
+                "--steps", "200", "--batch-size", "16", "--clip-to", "1", "--clip-every", "3", "--divide-to", "2",
                 "--orthogonal-k", "10", "--save-every", "2", "--augment", "--device", "cpu", "-o", str(out), *extra]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = tiny["dir"] / "straight.safetensors"
     subprocess.run(command(straight), check=True, env=env, capture_output=True)
     out = tiny["dir"] / "killed.safetensors"
+    # 200 steps of a tiny model take ~1 s: enough that the kill lands mid-run (with 12 it sometimes came after the end)
     proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = run_paths(out)["state"]
     deadline = time.time() + 120
