@@ -488,10 +488,10 @@ class _Spectrum:
             self._svd(probe)
             seen = self.sigma[probe] ** 2
         top = float(seen[:, -1].clamp(min=0).max().sqrt()) if len(seen) else 0.0
+        gram = slice(0 if wide else probe.stop, n)  # what the Gram decides, or svdvals redoes wholesale
         if float(_untrusted(seen, self.ctype, self.budget, top).double().mean()) > _SWITCH:
-            self._svd(slice(0 if wide else probe.stop, n))
+            self._svd(gram)
             return self.sigma
-        gram = slice(0 if wide else probe.stop, n)
         rest = self._gram(slice(probe.stop, n))
         lam = torch.cat([seen, rest]) if wide else rest
         self.sigma[gram] = lam.clamp(min=0).sqrt()
