@@ -235,7 +235,7 @@ def _orthonormalize(block: torch.Tensor, basis: torch.Tensor | None) -> torch.Te
     parallel once ``X`` is almost converged, and cutting them at ``1e-10`` stalled σ₂ at a residual of ``4e-8``
     when σ₂ and σ₃ were 0.4 % apart.  A kept noise column is harmless: the second pass makes it orthonormal."""
     scale = float(block.norm(dim=0).max()) if block.numel() else 0.0
-    cut = 16 * torch.finfo(block.dtype).eps if block.is_floating_point() else 0.0
+    cut = 16 * torch.finfo(block.dtype).eps
     for _ in range(2):
         if block.shape[1] == 0 or scale == 0.0:
             return block[:, :0]
