@@ -330,8 +330,8 @@ def test_eval_cli_certified(tmp_path, lip_model, lip_data):
     data_path = tmp_path / "data.npz"
     np.savez(data_path, x=lip_data.images.permute(0, 2, 3, 1).contiguous().numpy(), y=lip_data.labels.numpy())
     runner = CliRunner()
-    res = runner.invoke(app, ["eval", str(model_path), "--data", str(data_path), "--metrics", "accuracy,certified",
-                              "--cert-radius", "1/255", "--json"])
+    res = runner.invoke(app, ["eval", str(model_path), "--arch", spec, "--data", str(data_path), "--metrics",
+                              "accuracy,certified", "--cert-radius", "1/255", "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     logits = predict(lip_model, lip_data)
@@ -339,10 +339,11 @@ def test_eval_cli_certified(tmp_path, lip_model, lip_data):
     assert doc["certified"]["radius"] == pytest.approx(1 / 255)
     assert doc["certified"]["certified_accuracy"] == pytest.approx(expected, abs=1e-12)
     assert doc["accuracy"] == 0.5
-    table = runner.invoke(app, ["eval", str(model_path), "--data", str(data_path), "--metrics", "certified"])
+    table = runner.invoke(app, ["eval", str(model_path), "--arch", spec, "--data", str(data_path), "--metrics",
+                                "certified"])
     assert table.exit_code == 0 and "certified L2 radius 0.1412" in table.stdout
-    bad = runner.invoke(app, ["eval", str(model_path), "--data", str(data_path), "--metrics", "certified",
-                              "--cert-radius", "-1"])
+    bad = runner.invoke(app, ["eval", str(model_path), "--arch", spec, "--data", str(data_path), "--metrics",
+                              "certified", "--cert-radius", "-1"])
     assert bad.exit_code == 2 and "--cert-radius must be non-negative" in bad.output
 
     r20 = tmp_path / "r20.pt"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reference import dense_singular_values, operator_matrix, periodic_conv_nd, periodic_matrix_nd
+from ttcompress.errors import UserError
 from ttcompress import kernel as K
 from ttcompress.spectral.ndim import half_grid, singular_values_nd
 from ttcompress.spectral.network import layer_input_sizes, layer_spectrum, network_spectrum
@@ -375,7 +376,9 @@ def test_3d_checkpoint_round_trip_and_cli(tmp_path):
     layers = {entry["name"]: entry for entry in doc["layers"]}
     assert layers["down"]["shape"] == [12, 8, 3, 3, 3] and layers["down"]["ranks"] == [3, 3]
 
-    loaded = ck.load(out)  # no --arch: the metadata names the file arch, its input size and the TT ranks
+    with pytest.raises(UserError, match="pass --arch"):  # the metadata names a Python file: never run from a file
+        ck.load(out)
+    loaded = ck.load(out, arch=spec)  # the metadata gives its input size and the TT ranks
     assert loaded.input_size == (2, 4, 8, 8) and loaded.meta.tt_ranks == {"stem": [2, 3], "down": [3, 3]}
     assert isinstance(loaded.net.down, TTConv3d) and isinstance(loaded.net.stem, TTConv3d)
     reference = Vol3d()
@@ -385,18 +388,18 @@ def test_3d_checkpoint_round_trip_and_cli(tmp_path):
         assert torch.equal(loaded.net.state_dict()[key], value), key
     again = tmp_path / "again.safetensors"
     ck.save(loaded, again)
-    reread = ck.load(again)
+    reread = ck.load(again, arch=spec)
     x = torch.randn(2, *Vol3d.input_size)
     torch.testing.assert_close(reread.model(x), reference(x), rtol=0, atol=0)
 
-    res = runner.invoke(app, ["spectrum", str(out), "--json", "--precision", "float64"])
+    res = runner.invoke(app, ["spectrum", str(out), "--arch", spec, "--json", "--precision", "float64"])
     assert res.exit_code == 0, res.output
     by_name = {entry["name"]: entry for entry in json.loads(res.stdout)["layers"]}
     assert by_name["down"]["input_size"] == [4, 8, 8] and by_name["down"]["stride"] == [2, 2, 2]
     assert by_name["down"]["count"] == 2 * 4 * 4 * 12
     exact = layer_spectrum("down", loaded.net.down, (4, 8, 8), dtype=torch.float64)
     assert by_name["down"]["sigma_max"] == pytest.approx(exact.sigma_max, rel=1e-12)
-    table = runner.invoke(app, ["spectrum", str(out)])
+    table = runner.invoke(app, ["spectrum", str(out), "--arch", spec])
     assert table.exit_code == 0, table.output
     assert "4×8×8" in table.stdout and "2×2×2" in table.stdout
 
@@ -440,7 +443,7 @@ def test_1d_cli_decompose_and_spectrum(tmp_path):
     res = runner.invoke(app, ["decompose", str(raw), "--arch", spec, "--rank", "4", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "12×8×5" in res.stdout and "grouped" in res.stdout
-    res = runner.invoke(app, ["spectrum", str(out), "--json", "--all-methods"])
+    res = runner.invoke(app, ["spectrum", str(out), "--arch", spec, "--json", "--all-methods"])
     assert res.exit_code == 0, res.output
     by_name = {entry["name"]: entry for entry in json.loads(res.stdout)["layers"]}
     assert set(by_name) == {"body.0", "body.2", "body.4"}
@@ -450,7 +453,7 @@ def test_1d_cli_decompose_and_spectrum(tmp_path):
     assert all(entry["fourier_bound"] is None for entry in by_name.values())
     assert all(entry["f4_bound"] >= entry["sigma_max"] * (1 - 1e-5) for entry in by_name.values())
     assert all(entry["power_converged"] for entry in by_name.values())
-    net = ck.load(out).net.double()
+    net = ck.load(out, arch=spec).net.double()
     for name, entry in by_name.items():
         size = (16,) if name != "body.4" else (8,)
         exact = layer_spectrum(name, net.get_submodule(name), size, dtype=torch.float64)

@@ -76,7 +76,7 @@ def tiny(tmp_path) -> dict[str, Path]:
     test_x, test_y = split(24)
     data = tmp_path / "tiny.npz"
     np.savez(data, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-    return {"model": Path(model_path), "data": data, "dir": tmp_path}
+    return {"model": Path(model_path), "data": data, "dir": tmp_path, "arch": spec}
 
 
 def config(tiny, **kw) -> FinetuneConfig:
@@ -170,7 +170,7 @@ def test_schedules():
 # --- the loop ---------------------------------------------------------------------------------------------------------------
 
 def test_finetune_meets_bounds_and_writes_log_and_history(tiny):
-    loaded = ck.load(tiny["model"])
+    loaded = ck.load(tiny["model"], arch=tiny["arch"])
     out = tiny["dir"] / "ft.safetensors"
     cfg = config(tiny, divide_to=None, bn_to=3.0, linear_to=2.0)
     result = finetune(loaded, cfg, out_path=out)
@@ -180,7 +180,7 @@ def test_finetune_meets_bounds_and_writes_log_and_history(tiny):
     assert {b.name for b in result.bounds if b.kind in ("conv", "tt")} == {"conv1", "conv2", "conv3"}
     assert result.max_ratio <= 1.01 and result.time_control > 0 and result.control_breakdown["clip"] > 0
 
-    again = ck.load(out)  # a ttcompress file: no --arch needed
+    again = ck.load(out, arch=tiny["arch"])  # a file arch is always named by the caller, never by the metadata
     assert isinstance(again.net.conv2, TTConv2d)
     entry = again.meta.history[-1]
     assert entry["command"] == "finetune"
@@ -202,28 +202,28 @@ def test_finetune_meets_bounds_and_writes_log_and_history(tiny):
     assert float(rows[1]["lr"]) == pytest.approx(0.05) and float(rows[2]["lr"]) == pytest.approx(0.025)
 
 
-def f4_sum(path: Path) -> float:
+def f4_sum(path: Path, arch: str) -> float:
     from ttcompress.spectral.bounds import f4_penalty
 
     with torch.no_grad():
-        return float(f4_penalty(ck.load(path).net))
+        return float(f4_penalty(ck.load(path, arch=arch).net))
 
 
 def test_f4_weight_regularises_and_is_logged(tiny):
     from ttcompress.spectral.bounds import f4_penalty
 
-    net = ck.load(tiny["model"]).net
+    net = ck.load(tiny["model"], arch=tiny["arch"]).net
     f4_penalty(net, 2.0).backward()  # the gradient reaches dense kernels, TT cores and TT frames
     for p in (net.conv1.weight, net.conv2.core.weight, net.conv2.first.weight, net.conv3.last.weight):
         assert p.grad is not None and float(p.grad.abs().sum()) > 0
 
-    start = f4_sum(tiny["model"])
+    start = f4_sum(tiny["model"], tiny["arch"])
     runs = {}
     for weight in (0.0, 0.5):
         out = tiny["dir"] / f"f4-{weight}.safetensors"
-        finetune(ck.load(tiny["model"]), config(tiny, clip_to=None, f4_weight=weight, bn_recalibrate=0),
+        finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, clip_to=None, f4_weight=weight, bn_recalibrate=0),
                  out_path=out)
-        runs[weight] = (f4_sum(out), read_log(run_paths(out)["log"]))
+        runs[weight] = (f4_sum(out, tiny["arch"]), read_log(run_paths(out)["log"]))
     with_penalty, rows = runs[0.5]
     assert with_penalty < 0.8 * start and with_penalty < 0.8 * runs[0.0][0]
     for r in rows:  # loss = CE + k·ortho + W·f4, the F4 sum logged like the orthogonal loss
@@ -248,7 +248,7 @@ def bn_composition_sigma(layer, bn, shape) -> float:
 def test_finetune_with_fastclip_and_bn_meets_the_bound_as_it_runs(tiny):
     out = tiny["dir"] / "fastclip.safetensors"
     cfg = config(tiny, clip_to=None, fastclip_to=1.0, fastclip_every=2, clip_with_bn=True, bn_to=None)
-    result = finetune(ck.load(tiny["model"]), cfg, out_path=out)
+    result = finetune(ck.load(tiny["model"], arch=tiny["arch"]), cfg, out_path=out)
     convs = {b.name: b for b in result.bounds if b.kind in ("conv", "tt")}
     assert set(convs) == {"conv1", "conv2", "conv3"}
     assert {n: b.operator for n, b in convs.items()} == {
@@ -256,7 +256,7 @@ def test_finetune_with_fastclip_and_bn_meets_the_bound_as_it_runs(tiny):
     assert result.max_ratio <= 1.001 and result.control_breakdown["fastclip"] > 0
     assert result.control_breakdown["clip"] == 0
     assert any("conv3" in n and "clipped alone" in n for n in result.notes)
-    net = ck.load(out).net.eval()
+    net = ck.load(out, arch=tiny["arch"]).net.eval()
     for name, bn, size in (("conv1", net.bn1, 8), ("conv2", net.bn2, 8), ("conv3", None, 4)):
         layer = net.get_submodule(name)
         dense = bn_composition_sigma(layer, bn, (layer.in_channels, size, size))
@@ -300,11 +300,11 @@ def one_thread():
 ], ids=["clip", "divide", "fastclip"])
 def test_resume_gives_the_same_weights(tiny, control, one_thread):
     straight = tiny["dir"] / "straight.safetensors"
-    finetune(ck.load(tiny["model"]), config(tiny, **control), out_path=straight)
+    finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, **control), out_path=straight)
 
     out = tiny["dir"] / "resumed.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        finetune(ck.load(tiny["model"]), config(tiny, **control), out_path=out, progress=CrashAt(4))
+        finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, **control), out_path=out, progress=CrashAt(4))
     state_path = run_paths(out)["state"]
     state = torch.load(state_path, weights_only=True)  # plain tensors and containers only
     assert state["step"] == 3 and not out.exists()
@@ -312,7 +312,7 @@ def test_resume_gives_the_same_weights(tiny, control, one_thread):
         assert state["controller"]["power"]["vectors"]  # the power-iteration vectors travel with the state
     if control.get("fastclip_to"):  # so do FastClip's singular vectors (clipped at step 2)
         assert set(state["controller"]["fastclip"]) == {"conv1", "conv2", "conv3"}
-    result = finetune(ck.load(tiny["model"]), config(tiny, resume=True, **control), out_path=out)
+    result = finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, resume=True, **control), out_path=out)
     assert result.resumed_from == 3
 
     a, b = tensors(straight), tensors(out)
@@ -327,7 +327,7 @@ def test_resume_gives_the_same_weights(tiny, control, one_thread):
 
 def test_resume_without_state_starts_over(tiny):
     out = tiny["dir"] / "fresh.safetensors"
-    result = finetune(ck.load(tiny["model"]), config(tiny, steps=2, resume=True), out_path=out)
+    result = finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, steps=2, resume=True), out_path=out)
     assert result.resumed_from == 0 and any("no state file" in n for n in result.notes)
 
 
@@ -335,7 +335,7 @@ def test_divergence_stops_and_keeps_the_last_good_state(tiny):
     out = tiny["dir"] / "nan.safetensors"
     cfg = config(tiny, steps=40, lr=100.0, clip_to=None, orthogonal_k=0.0, save_every=1)
     with pytest.raises(DivergenceError, match=r"diverged: the (loss|weights).*step (\d+).*last good state") as err:
-        finetune(ck.load(tiny["model"]), cfg, out_path=out)
+        finetune(ck.load(tiny["model"], arch=tiny["arch"]), cfg, out_path=out)
     assert not out.exists()
     state = torch.load(run_paths(out)["state"], weights_only=True)
     assert 1 <= state["step"] < 40 and f"step {state['step']}" in str(err.value)
@@ -344,12 +344,12 @@ def test_divergence_stops_and_keeps_the_last_good_state(tiny):
 
 def test_output_never_over_the_input(tiny):
     with pytest.raises(UserError, match="over the input"):
-        finetune(ck.load(tiny["model"]), config(tiny), out_path=tiny["model"])
+        finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny), out_path=tiny["model"])
 
 
 def test_amp_needs_cuda(tiny):
     with pytest.raises(UserError, match="--amp needs a CUDA"):
-        finetune(ck.load(tiny["model"]), config(tiny, amp=True), out_path=tiny["dir"] / "amp.safetensors")
+        finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, amp=True), out_path=tiny["dir"] / "amp.safetensors")
 
 
 # --- command line ------------------------------------------------------------------------------------------------------------
@@ -359,8 +359,8 @@ def test_cli_json_contract(tiny):
     from ttcompress.cli import app
 
     out = tiny["dir"] / "cli.safetensors"
-    args = ["finetune", str(tiny["model"]), "--data", str(tiny["data"]), "--steps", "2", "--batch-size", "16",
-            "--clip-to", "1", "--clip-every", "1", "--device", "cpu", "-o", str(out), "--json"]
+    args = ["finetune", str(tiny["model"]), "--arch", tiny["arch"], "--data", str(tiny["data"]), "--steps", "2",
+            "--batch-size", "16", "--clip-to", "1", "--clip-every", "1", "--device", "cpu", "-o", str(out), "--json"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -370,7 +370,8 @@ def test_cli_json_contract(tiny):
     assert all(b["sigma_after"] <= 1.01 * b["bound"] for b in doc["bounds"])
     bad = CliRunner().invoke(app, args[:-1] + ["--amp"])
     assert bad.exit_code == 2 and "--amp" in bad.output
-    missing = CliRunner().invoke(app, ["finetune", str(tiny["model"]), "--data", str(tiny["data"]), "-o", str(out)])
+    missing = CliRunner().invoke(app, ["finetune", str(tiny["model"]), "--arch", tiny["arch"], "--data",
+                                       str(tiny["data"]), "-o", str(out)])
     assert missing.exit_code == 2 and "--steps" in missing.output
     for extra, message in ((["--clip-with-bn"], "--clip-with-bn needs --fastclip-to"),
                            (["--fastclip-to", "1"], "--fastclip-to and --clip-to")):
@@ -383,8 +384,8 @@ def test_cli_fastclip_json(tiny):
     from ttcompress.cli import app
 
     out = tiny["dir"] / "cli-fc.safetensors"
-    args = ["finetune", str(tiny["model"]), "--data", str(tiny["data"]), "--steps", "2", "--batch-size", "16",
-            "--fastclip-to", "1", "--fastclip-every", "1", "--fastclip-k", "2", "--clip-with-bn", "--device", "cpu",
+    args = ["finetune", str(tiny["model"]), "--arch", tiny["arch"], "--data", str(tiny["data"]), "--steps", "2",
+            "--batch-size", "16", "--fastclip-to", "1", "--fastclip-every", "1", "--fastclip-k", "2", "--clip-with-bn", "--device", "cpu",
             "-o", str(out)]
     res = CliRunner().invoke(app, args + ["--json"])
     assert res.exit_code == 0, res.output
@@ -399,7 +400,8 @@ def test_cli_fastclip_json(tiny):
 
 # --- data-parallel -------------------------------------------------------------------------------------------------------------
 
-def _ddp_worker(rank: int, world: int, port: int, model: str, data: str, out: str, log_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, model: str, data: str, out: str, log_dir: str,
+                arch: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -416,7 +418,7 @@ def _ddp_worker(rank: int, world: int, port: int, model: str, data: str, out: st
     # bn_to is small enough to act every step: each rank's running variances differ, only the sync keeps γ equal
     cfg = FinetuneConfig.from_recipe(None, data=data, steps=4, batch_size=8, lr=0.05, clip_to=1.0, clip_every=2,
                                      divide_to=2.0, bn_to=0.5, orthogonal_k=10.0, augment=True, device="cpu")
-    result = finetune(ck.load(model), cfg, out_path=out)
+    result = finetune(ck.load(model, arch=arch), cfg, out_path=out)
     Path(log_dir, f"rank{rank}.json").write_text(json.dumps({"digests": digests, "world": result.world_size}))
 
 
@@ -430,14 +432,15 @@ def test_ddp_two_processes_gloo(tiny):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tiny["dir"] / "ddp.safetensors"
-    mp.spawn(_ddp_worker, args=(2, port, str(tiny["model"]), str(tiny["data"]), str(out), str(tiny["dir"])),
+    mp.spawn(_ddp_worker, args=(2, port, str(tiny["model"]), str(tiny["data"]), str(out), str(tiny["dir"]),
+                                tiny["arch"]),
              nprocs=2, join=True)
     r0 = json.loads((tiny["dir"] / "rank0.json").read_text())
     r1 = json.loads((tiny["dir"] / "rank1.json").read_text())
     assert r0["world"] == r1["world"] == 2
     assert len(r0["digests"]) == 4 and r0["digests"] == r1["digests"]  # identical weights after every control
     assert out.exists() and not run_paths(out)["state"].exists()
-    loaded = ck.load(out)
+    loaded = ck.load(out, arch=tiny["arch"])
     for layer in network_spectrum(loaded.model, loaded.input_size, net=loaded.net, dtype=torch.float64):
         assert layer.sigma_max <= 1.01 * 1.0
 
@@ -451,7 +454,8 @@ def test_kill_9_and_resume_from_the_command_line(tiny):
     import time
 
     def command(out, *extra):
-        return [sys.executable, "-m", "ttcompress", "finetune", str(tiny["model"]), "--data", str(tiny["data"]),
+        return [sys.executable, "-m", "ttcompress", "finetune", str(tiny["model"]), "--arch", tiny["arch"],
+                "--data", str(tiny["data"]),
                 "--steps", "200", "--batch-size", "16", "--clip-to", "1", "--clip-every", "3", "--divide-to", "2",
                 "--orthogonal-k", "10", "--save-every", "2", "--augment", "--device", "cpu", "-o", str(out), *extra]
 

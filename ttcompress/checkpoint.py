@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import pickle
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from torch import nn
 
 from ttcompress import archs
 from ttcompress.errors import CheckpointError, UserError
+from ttcompress.outputs import atomic_write, check_output_path  # noqa: F401  (re-exported: ck.atomic_write)
 from ttcompress.tt import apply_tt_structure, tt_ranks
 
 FORMAT_VERSION = 1
@@ -51,16 +52,109 @@ class ModelMeta:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelMeta":
+        """Parse and validate the stored JSON: every field's type and range is checked here, before anything is
+        built from it (a file's metadata is as untrusted as its tensors)."""
         try:
             data = json.loads(text)
-            if data.get("format_version", 1) > FORMAT_VERSION:
-                raise CheckpointError(
-                    f"file was written by a newer ttcompress (format {data['format_version']}); upgrade ttcompress"
-                )
-            known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-            return cls(**known)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise CheckpointError(f"malformed ttcompress metadata: {exc}") from exc
+        except ValueError as exc:
+            raise CheckpointError(f"malformed ttcompress metadata: not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError("malformed ttcompress metadata: expected a JSON object")
+        version = data.get("format_version", 1)
+        if not _is_int(version) or version < 1:
+            raise CheckpointError(f"malformed ttcompress metadata: format_version {version!r} is not a positive integer")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"file was written by a newer ttcompress (format {version}); upgrade ttcompress")
+        for key in ("arch", "input_size", "num_classes"):
+            if key not in data:
+                raise CheckpointError(f"malformed ttcompress metadata: no {key!r}")
+        return cls(
+            arch=_meta_arch(data["arch"]),
+            normalization=_meta_normalization(data.get("normalization")),
+            input_size=_meta_input_size(data["input_size"]),
+            num_classes=_meta_int(data["num_classes"], "num_classes", 1, MAX_CLASSES),
+            tt_ranks=_meta_ranks(data.get("tt_ranks", {})),
+            history=_meta_history(data.get("history", [])),
+            format_version=version,
+        )
+
+
+# --- metadata schema ------------------------------------------------------------------------------------------------
+
+MAX_CLASSES = 1_000_000
+MAX_SIDE = 65_536          # one spatial side of the input
+MAX_INPUT_ELEMENTS = 2**28  # one input (C·H·W…): 1 GiB in float32
+MAX_HISTORY = 100_000
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad(what: str) -> CheckpointError:
+    return CheckpointError(f"malformed ttcompress metadata: {what}")
+
+
+def _meta_int(value: Any, name: str, low: int, high: int) -> int:
+    if not _is_int(value) or not low <= value <= high:
+        raise _bad(f"{name} must be an integer in {low}..{high}, got {value!r:.60}")
+    return value
+
+
+def _meta_arch(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 4096 or any(ord(c) < 32 for c in value):
+        raise _bad(f"arch must be a non-empty one-line string, got {value!r:.60}")
+    return value
+
+
+def _finite_list(value: Any, name: str) -> list[float]:
+    if not isinstance(value, list) or not 1 <= len(value) <= 4096:
+        raise _bad(f"normalization {name} must be a list of 1..4096 numbers")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _bad(f"normalization {name} holds {v!r:.40}, not a finite number")
+        out.append(float(v))
+    return out
+
+
+def _meta_normalization(value: Any) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"mean", "std"}:
+        raise _bad("normalization must be null or an object with exactly 'mean' and 'std'")
+    mean, std = _finite_list(value["mean"], "mean"), _finite_list(value["std"], "std")
+    if len(mean) != len(std):
+        raise _bad(f"normalization mean has {len(mean)} values and std {len(std)}")
+    if any(s <= 0 for s in std):
+        raise _bad("normalization std values must be positive")
+    return {"mean": mean, "std": std}
+
+
+def _meta_input_size(value: Any) -> list[int]:
+    if not isinstance(value, list) or not 2 <= len(value) <= 4:
+        raise _bad(f"input_size must be a list of 2 to 4 integers (C, *spatial), got {value!r:.60}")
+    size = [_meta_int(v, "input_size", 1, MAX_SIDE) for v in value]
+    if math.prod(size) > MAX_INPUT_ELEMENTS:
+        raise _bad(f"input_size {size} has more than {MAX_INPUT_ELEMENTS} elements")
+    return size
+
+
+def _meta_ranks(value: Any) -> dict[str, list[int]]:
+    if not isinstance(value, dict):
+        raise _bad("tt_ranks must be an object {layer: [r1, r2]}")
+    out = {}
+    for name, ranks in value.items():
+        if not name or len(name) > 1024 or not isinstance(ranks, list) or len(ranks) != 2:
+            raise _bad(f"tt_ranks entry {name!r:.60} must be [r1, r2]")
+        out[name] = [_meta_int(r, f"TT rank of {name}", 1, 2**20) for r in ranks]
+    return out
+
+
+def _meta_history(value: Any) -> list[dict]:
+    if not isinstance(value, list) or len(value) > MAX_HISTORY or not all(isinstance(e, dict) for e in value):
+        raise _bad("history must be a list of objects")
+    return value
 
 
 @dataclass
@@ -221,6 +315,29 @@ def load_state_into(net: nn.Module, state: Mapping[str, torch.Tensor], arch: str
                 target.copy_(state[key].to(target.dtype))
 
 
+def check_finite(state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or ±Inf, naming the first such tensor."""
+    for key, value in state.items():
+        if value.is_floating_point() or value.is_complex():
+            if not bool(torch.isfinite(value).all()):
+                bad = "NaN" if bool(torch.isnan(value).any()) else "an infinite value"
+                raise CheckpointError(f"the weights hold {bad}: {key} is not finite; refusing to use them")
+
+
+def check_ranks_present(ranks: Mapping[str, Sequence[int]], state: Mapping[str, torch.Tensor]) -> None:
+    """The TT ranks the metadata claims must be those of the tensors actually stored (so nothing larger than the
+    file's own tensors is ever built from metadata)."""
+    for name, (r1, r2) in ranks.items():
+        first, core, last = (state.get(f"{name}.{part}.weight") for part in ("first", "core", "last"))
+        if first is None or core is None or last is None:
+            raise CheckpointError(f"metadata names TT layer {name!r}, but the file has no {name}.first/core/last "
+                                  "weights")
+        if (first.ndim < 2 or core.ndim < 2 or last.ndim < 2 or first.shape[0] != r1 or
+                tuple(core.shape[:2]) != (r2, r1) or last.shape[1] != r2):
+            raise CheckpointError(f"metadata gives TT layer {name!r} ranks ({r1}, {r2}), which its stored weights "
+                                  f"do not have ({tuple(first.shape)}, {tuple(core.shape)}, {tuple(last.shape)})")
+
+
 def _num_classes_in(info: archs.ArchInfo, state: Mapping[str, torch.Tensor]) -> int | None:
     if not info.takes_num_classes:
         return None
@@ -247,6 +364,7 @@ def load(
     raw = read(path, trust_pickle=trust_pickle)
     if raw.module is not None:
         net = raw.module.float().eval()
+        check_finite(net.state_dict())
         meta = ModelMeta(arch=f"pickle:{Path(path).resolve()}", normalization=None,
                          input_size=list(input_size or (3, 32, 32)),
                          num_classes=archs.classifier_out_features(net) or 0, tt_ranks=tt_ranks(net))
@@ -256,14 +374,19 @@ def load(
         return LoadedModel(model, meta, Path(path))
 
     assert raw.state_dict is not None
+    check_finite(raw.state_dict)
     stored = raw.meta
     spec = arch or (stored.arch if stored else None)
     if spec is None:
         raise UserError(f"{path} is not a ttcompress file: pass --arch to say which network it holds")
+    if arch is None and archs.names_code(spec):
+        raise UserError(f"{path} was made from the architecture file {spec!r}; a checkpoint never makes ttcompress run "
+                        f"code: if you trust that file, pass --arch {spec}")
     info = archs.resolve(spec)
     num_classes = (stored.num_classes if stored and stored.arch == spec else None) or _num_classes_in(info, raw.state_dict)
     net = archs.build_net(info, num_classes)
     if stored and stored.tt_ranks:
+        check_ranks_present(stored.tt_ranks, raw.state_dict)
         apply_tt_structure(net, stored.tt_ranks)
     load_state_into(net, raw.state_dict, spec)
     net.eval()
@@ -320,41 +443,6 @@ def initialize(
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
-
-def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> Path:
-    """Refuse to overwrite an input; create the parent folder; fail early when it is not writable."""
-    path = Path(out)
-    for source in inputs:
-        if source is not None and Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
-            raise UserError(f"refusing to write the output over the input {source}; choose another -o path")
-        if source is not None and path.resolve() == Path(source).resolve():
-            raise UserError(f"refusing to write the output over the input {source}; choose another -o path")
-    if path.exists() and path.is_dir():
-        raise UserError(f"output path {path} is a directory; give a file name such as {path / 'model.safetensors'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output directory {path.parent}: {exc.strerror}") from exc
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"output directory {path.parent} is not writable")
-    return path
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync, then rename it into place."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
 
 def history_entry(command: str, **args: Any) -> dict:
     from ttcompress import __version__

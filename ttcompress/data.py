@@ -282,6 +282,9 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+MAX_IMAGE_PIXELS = 2**25  # one image of an ImageFolder: 5792×5792; a classifier's inputs are far smaller
+
+
 def _load_image_folder(root: Path, split: str) -> ImageSet:
     from PIL import Image, UnidentifiedImageError
 
@@ -318,13 +321,17 @@ def _load_image_folder(root: Path, split: str) -> ImageSet:
     for p, _ in files:
         try:
             with Image.open(p) as im:
+                width, height = im.size  # from the header: refuse a decompression bomb before decoding it
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise DataError(f"image {p} claims {width}×{height} pixels (more than {MAX_IMAGE_PIXELS:,}); "
+                                    "refusing to decode it")
                 im.load()
                 if im.mode in ("1", "L", "I", "I;16", "F", "LA"):
                     arr = np.asarray(im.convert("L"))[..., None]
                 else:
                     arr = np.asarray(im.convert("RGB"))
                     gray = False
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
             raise DataError(f"cannot read image {p} ({type(exc).__name__}); fix or remove it") from None
         arrays.append(arr)
 

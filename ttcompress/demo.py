@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ttcompress import checkpoint as ck
-from ttcompress.errors import UserError
 from ttcompress.progress import Progress
 
 DEMO_DATA = "cifar10_demo.npz"
@@ -75,8 +73,37 @@ class DemoResult:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+def demo_paths(out: Path) -> dict[str, Path]:
+    """Where the demo writes each artefact inside ``out``."""
+    return {
+        "decomposed": out / "decomposed.safetensors",
+        "finetuned": out / "finetuned.safetensors",
+        "spectrum_plot": out / "spectrum.png",
+        "eval_original": out / "eval-original",
+        "eval_result": out / "eval-finetuned",
+        "summary": out / "demo.json",
+    }
+
+
 def run_demo(settings: DemoSettings, progress: Progress | None = None,
              say: Callable[[str], None] = lambda message: None) -> DemoResult:
+    """The whole pipeline, every file it writes checked (and locked) before any work; ``finetune`` guards its own."""
+    from ttcompress.archs import source_file
+    from ttcompress.evaluate import REPORT_FILES
+    from ttcompress.outputs import guard
+
+    out = Path(settings.out_dir)
+    paths = demo_paths(out)
+    arch_file = source_file(settings.arch) if settings.arch else None
+    with guard([("--out", paths[k]) for k in ("decomposed", "spectrum_plot", "summary")],
+               inputs=[settings.model, arch_file],
+               folders=[("--out", out, ()), *(("--out", paths[k], REPORT_FILES) for k in ("eval_original",
+                                                                                         "eval_result"))]):
+        return _run_demo(settings, paths, progress, say)
+
+
+def _run_demo(settings: DemoSettings, paths: dict[str, Path], progress: Progress | None,
+              say: Callable[[str], None]) -> DemoResult:
     from ttcompress.data import load_split
     from ttcompress.device import pick_device
     from ttcompress.evaluate import evaluate
@@ -85,13 +112,6 @@ def run_demo(settings: DemoSettings, progress: Progress | None = None,
     from ttcompress.train import FinetuneConfig, finetune
     from ttcompress.tt import decompose
 
-    out = Path(settings.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --out {out}: {exc.strerror}") from exc
-    if not os.access(out, os.W_OK):
-        raise UserError(f"--out {out} is not writable")
     device = pick_device(settings.device)
     if settings.model is None:
         model_path, arch, description = default_model()
@@ -100,14 +120,6 @@ def run_demo(settings: DemoSettings, progress: Progress | None = None,
     rank = settings.rank or (64 if arch == "resnet18-cifar" else 8)
     data_path = asset(DEMO_DATA)
     timings: dict[str, float] = {}
-    paths = {
-        "decomposed": out / "decomposed.safetensors",
-        "finetuned": out / "finetuned.safetensors",
-        "spectrum_plot": out / "spectrum.png",
-        "eval_original": out / "eval-original",
-        "eval_result": out / "eval-finetuned",
-        "summary": out / "demo.json",
-    }
 
     say(f"model: {description} ({model_path})")
     say(f"data: {data_path.name}, embedded real CIFAR-10 images (1024 train / 256 test)")

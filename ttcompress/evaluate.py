@@ -34,12 +34,14 @@ from . import progress as _progress
 from .data import ImageSet, check_compatible, load_cifar_c
 from .certify import DEFAULT_RADIUS, certified_accuracy, network_lipschitz_bound
 from .errors import DataError, UserError
+from .outputs import atomic_write, write_text
 from .metrics import accuracy, autoattack, ece, empirical_lipschitz, predict, reliability
 from .progress import Progress
 
 __all__ = ["evaluate", "METRICS", "write_report", "plot_reliability", "plot_cifar_c"]
 
 METRICS = ("accuracy", "ece", "cifar-c", "autoattack", "lipschitz", "certified")
+REPORT_FILES = ("eval.json", "reliability.png", "cifar_c.png")  # what write_report may write into its folder
 
 
 def _normalise_metrics(metrics: Sequence[str] | str) -> list[str]:
@@ -267,8 +269,7 @@ def write_report(result: dict, out_dir: str | os.PathLike, reliability_data: dic
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create output directory {out} ({exc.strerror or exc})") from None
-    written = [out / "eval.json"]
-    written[0].write_text(json.dumps(result, indent=2) + "\n")
+    written = [write_text(out / "eval.json", json.dumps(result, indent=2) + "\n")]
     if reliability_data is not None:
         written.append(plot_reliability(reliability_data, out / "reliability.png", ece_value=result.get("ece")))
     if "cifar_c" in result:
@@ -325,7 +326,7 @@ def plot_reliability(rel: dict, path: str | os.PathLike, ece_value: float | None
     axh.bar(centers, np.asarray(rel["share"]), width=width * 0.9, color="tab:gray")
     axh.set_xlabel("confidence (top-1 probability)")
     axh.set_ylabel("share of images")
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return Path(path)
 
@@ -372,6 +373,6 @@ def plot_cifar_c(
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", ncol=min(6, len(sevs) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.35))
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return Path(path)

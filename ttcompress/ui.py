@@ -12,8 +12,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-err_console = Console(stderr=True)
-out_console = Console()
+# Paths, layer names and messages come from users and their files: never read them as rich markup or emoji codes
+# (``model[v2].pt`` must print as itself, ``x[/red].pt`` must not crash, ``:x:`` stays text).  Styling is explicit.
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
+out_console = Console(markup=False, emoji=False, highlight=False)
+
+
+def say(console: Console, label: str, message: str, style: str = "bold") -> None:
+    """``label message`` on one line, the label styled and the message printed as plain text."""
+    from rich.text import Text
+
+    console.print(Text.assemble((label, style), " ", message), soft_wrap=True)
 
 
 class RichProgress:
@@ -29,8 +38,8 @@ class RichProgress:
             yield lambda n=1, **fields: None
             return
         columns = [
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False),
         ]
         with Progress(*columns, console=self.console, transient=True) as bar:
             task_id = bar.add_task(description, total=total, info="")

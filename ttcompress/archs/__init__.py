@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ class Normalized(nn.Module):
         self.net = net
         if (mean is None) != (std is None):
             raise UserError("give both --mean and --std, or neither")
+        for name, values in (("--mean", mean), ("--std", std)):
+            if values is not None and not all(math.isfinite(float(v)) for v in values):
+                raise UserError(f"{name} values must be finite numbers, got {list(values)}")
         if std is not None and any(s <= 0 for s in std):
             raise UserError(f"--std values must be positive, got {list(std)}")
         self._stats = None if mean is None else {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
@@ -176,6 +180,19 @@ def _file_info(spec: str, path_str: str, class_name: str) -> ArchInfo:
     shape = tuple(size) if valid else (3, 32, 32)
     return ArchInfo(spec, factory, None, None, input_size=shape, takes_num_classes=False,  # type: ignore[arg-type]
                     description=f"{class_name} from {path}")
+
+
+def source_file(spec: str) -> Path | None:
+    """The Python file a ``path/to/file.py:Class`` spec names (None for every other spec): code that only the person
+    running the command may name, never a file's metadata or a recipe."""
+    if ".py:" not in spec:
+        return None
+    return Path(spec.rsplit(":", 1)[0]).expanduser()
+
+
+def names_code(spec: str) -> bool:
+    """Does building ``spec`` run code from a file (rather than a registered network)?"""
+    return source_file(spec) is not None
 
 
 def resolve(spec: str) -> ArchInfo:

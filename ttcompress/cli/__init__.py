@@ -33,7 +33,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ttcompress.ui import err_console
+        from ttcompress.ui import err_console, say
 
         try:
             return fn(*args, **kwargs)
@@ -42,22 +42,24 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except TTCompressError as exc:
             if _debug_enabled():
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            say(err_console, "error:", _one_line(str(exc)), "bold red")
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]")
+            say(err_console, "interrupted", "", "bold red")
             raise typer.Exit(130)
         except Exception as exc:  # a bug or an environment failure: still one line unless --debug
             if _debug_enabled():
                 raise
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            err_console.print(
-                f"[bold red]error:[/] {type(exc).__name__}: {msg} (run with --debug for the traceback)",
-                highlight=False, soft_wrap=True,
-            )
+            say(err_console, "error:", f"{type(exc).__name__}: {msg} (run with --debug for the traceback)", "bold red")
             raise typer.Exit(1)
 
     return wrapper
+
+
+def _one_line(text: str) -> str:
+    """A message on one line, whatever a file or a library put in it."""
+    return " ".join(text.split()) or "no detail"
 
 
 def _version(value: bool) -> None:
@@ -77,8 +79,35 @@ def root(
 
 
 
+def _route_warnings() -> None:
+    """ttcompress's own warnings as one ``warning:`` line; other libraries' (torch's pickle notice, matplotlib's glyph
+    warnings, …) are not ours to show in a normal run — ``--debug`` shows everything."""
+    import warnings
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        if _debug_enabled():
+            default(message, category, filename, lineno, file, line)
+            return
+        try:
+            ours = Path(filename).resolve().is_relative_to(package)
+        except (OSError, ValueError):
+            ours = False
+        if ours:
+            from ttcompress.ui import err_console, say
+
+            say(err_console, "warning:", _one_line(str(message)), "yellow")
+
+    warnings.showwarning = show
+
+
 def main() -> None:
     from ttcompress.cli import decompose, spectrum  # noqa: F401  (registers the commands)
+
+    _route_warnings()
 
     for name in OPTIONAL_COMMANDS:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -26,6 +27,8 @@ def parse_floats(text: str | None, what: str) -> list[float] | None:
         raise UserError(f"{what} must be comma-separated numbers, got {text!r}") from None
     if not values:
         raise UserError(f"{what} is empty")
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{what} must be finite numbers, got {text!r}")
     return values
 
 
@@ -42,3 +45,10 @@ def load_model(checkpoint: Path, arch: str | None, mean: str | None, std: str | 
     return loaded
 
 
+
+
+def arch_file(arch: str | None) -> Path | None:
+    """The Python file an ``--arch file.py:Class`` names: an input no output may replace."""
+    from ttcompress.archs import source_file
+
+    return source_file(arch) if arch else None

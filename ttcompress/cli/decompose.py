@@ -8,8 +8,9 @@ from typing import List, Optional
 import typer
 
 from ttcompress.cli import app, handles_errors
-from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, load_model
+from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, arch_file, load_model
 from ttcompress.errors import UserError
+from ttcompress.outputs import guard
 
 @app.command()
 @handles_errors
@@ -36,11 +37,11 @@ def decompose(
 
     if (rank is None) == (energy is None):
         raise UserError("give exactly one of --rank R or --energy E")
-    out = ck.check_output_path(out, checkpoint)
-    loaded = load_model(checkpoint, arch, mean, std, trust_pickle)
-    report = tt_decompose(loaded.net, rank=rank, energy=energy, skip=skip)
-    ck.save(loaded, out, ck.history_entry("decompose", checkpoint=str(checkpoint), rank=rank, energy=energy,
-                                          skip=list(skip)))
+    with guard([("-o", out)], inputs=[checkpoint, arch_file(arch)]):
+        loaded = load_model(checkpoint, arch, mean, std, trust_pickle)
+        report = tt_decompose(loaded.net, rank=rank, energy=energy, skip=skip)
+        ck.save(loaded, out, ck.history_entry("decompose", checkpoint=str(checkpoint), rank=rank, energy=energy,
+                                              skip=list(skip)))
     if as_json:
         print_json(report.to_json())
         return

@@ -32,14 +32,14 @@ def demo(
     Example: ttcompress demo --out demo-out
     """
     from ttcompress.demo import DemoSettings, run_demo
-    from ttcompress.ui import RichProgress, err_console, out_console, print_json, table
+    from ttcompress.ui import RichProgress, err_console, out_console, print_json, say, table
 
     if steps <= 0 or attack_images <= 0 or clip_to <= 0 or (rank is not None and rank <= 0):
         raise UserError("--steps, --rank, --clip-to and --attack-images must be positive")
     settings = DemoSettings(out_dir=out, device=device, steps=steps, rank=rank, clip_to=clip_to,
                             attack_images=attack_images)
-    say = (lambda m: None) if as_json else (lambda m: err_console.print(f"[bold cyan]•[/] {m}", highlight=False))
-    result = run_demo(settings, progress=RichProgress(), say=say)
+    tell = (lambda m: None) if as_json else (lambda m: say(err_console, "•", m, "bold cyan"))
+    result = run_demo(settings, progress=RichProgress(), say=tell)
     if as_json:
         print_json(result.to_json())
         return
@@ -71,12 +71,12 @@ def demo(
                       f"{','.join(map(str, settings.severities))}")
     out_console.print(f"finetune: {ft['steps']} steps in {ft['time_training'] + ft['time_control']:.1f} s, "
                       f"{100 * ft['control_share']:.0f} % of it in exact clipping")
-    out_console.print("\n[bold]artefacts[/]")
+    out_console.print("\nartefacts", style="bold")
     for key, path in result.artefacts.items():
         out_console.print(f"  {key:15s} {path}", soft_wrap=True, highlight=False)
     arch = result.arch
+    out_console.print("\nthe same on your own checkpoint", style="bold")
     out_console.print(
-        "\n[bold]the same on your own checkpoint[/]\n"
         f"  ttcompress decompose my-model.pt --arch {arch} --rank {result.rank} -o my-tt.safetensors\n"
         "  ttcompress spectrum my-tt.safetensors --plot my-spectrum.png\n"
         f"  ttcompress finetune my-tt.safetensors --data cifar10 --epochs 10 --clip-to {clip_to:g} -o my-ft.safetensors\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional
@@ -9,8 +10,9 @@ from typing import Optional
 import typer
 
 from ttcompress.cli import app, handles_errors
-from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, load_model
+from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, arch_file, load_model
 from ttcompress.errors import UserError
+from ttcompress.outputs import guard
 
 
 def parse_eps(text: str, flag: str = "--eps") -> float:
@@ -101,19 +103,14 @@ def eval_command(
 
     Example: ttcompress eval lipconvnet.pt --arch lipconvnet-5 --data cifar10 --metrics accuracy,certified
     """
-    from ttcompress.data import check_compatible, load_split
-    from ttcompress.device import pick_device
-    from ttcompress.evaluate import evaluate
-    from ttcompress.ui import RichProgress, err_console, print_json
+    from ttcompress.evaluate import REPORT_FILES
 
     if norm not in ("Linf", "L2"):
         raise UserError(f"--norm must be Linf or L2, got {norm!r}")
     if attack_version not in ("standard", "custom"):
         raise UserError(f"--attack-version must be standard or custom, got {attack_version!r}")
-    if radius <= 0:
-        raise UserError(f"--radius must be positive, got {radius}")
-    if out is not None and out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+    if not radius > 0 or not math.isfinite(radius):
+        raise UserError(f"--radius must be a positive finite number, got {radius}")
     eps_value = parse_eps(eps)
     cert_value = parse_eps(cert_radius, "--cert-radius")
     sev = parse_ints(severities, "--severities")
@@ -126,6 +123,19 @@ def eval_command(
         unknown = [c for c in names if c not in ALL]
         if unknown and cifar_c is None:
             raise UserError(f"unknown corruption(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
+    with guard(folders=[("--out", out, REPORT_FILES)],
+               inputs=[checkpoint, arch_file(arch), cifar_c, data if Path(data).exists() else None]):
+        _evaluate(checkpoint, data, metrics, split, n, batch_size, device, data_root, cifar_c, sev, names, norm,
+                  eps_value, attack_version, radius, cert_value, seed, out, arch, mean, std, trust_pickle, as_json)
+
+
+def _evaluate(checkpoint, data, metrics, split, n, batch_size, device, data_root, cifar_c, sev, names, norm, eps_value,
+              attack_version, radius, cert_value, seed, out, arch, mean, std, trust_pickle, as_json) -> None:
+    from ttcompress.data import check_compatible, load_split
+    from ttcompress.device import pick_device
+    from ttcompress.evaluate import evaluate
+    from ttcompress.ui import RichProgress, err_console, print_json
+
     torch_device = pick_device(device)
     loaded = load_model(checkpoint, arch, mean, std, trust_pickle)
     images = load_split(data, split, data_root)

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ttcompress.cli import app, handles_errors
-from ttcompress.cli.common import JsonOpt, MeanOpt, StdOpt, parse_floats
+from ttcompress.cli.common import JsonOpt, MeanOpt, StdOpt, arch_file, parse_floats
+from ttcompress.outputs import guard
 
 
 @app.command()
@@ -32,10 +33,11 @@ def init(
     from ttcompress import checkpoint as ck
     from ttcompress.ui import err_console, out_console, print_json
 
-    path = ck.check_output_path(out)
-    loaded = ck.initialize(arch, seed=seed, num_classes=num_classes, mean=parse_floats(mean, "--mean"),
-                           std=parse_floats(std, "--std"))
-    ck.save(loaded, path, ck.history_entry("init", arch=arch, seed=seed, num_classes=num_classes))
+    path = out
+    with guard([("-o", out)], inputs=[arch_file(arch)]):
+        loaded = ck.initialize(arch, seed=seed, num_classes=num_classes, mean=parse_floats(mean, "--mean"),
+                               std=parse_floats(std, "--std"))
+        ck.save(loaded, path, ck.history_entry("init", arch=arch, seed=seed, num_classes=num_classes))
     params = sum(p.numel() for p in loaded.net.parameters())
     if as_json:
         print_json({"arch": arch, "seed": seed, "num_classes": loaded.meta.num_classes, "params": params,

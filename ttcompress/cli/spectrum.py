@@ -8,8 +8,9 @@ from typing import List, Optional, Tuple
 import typer
 
 from ttcompress.cli import app, handles_errors
-from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, load_model
+from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, arch_file, load_model
 from ttcompress.errors import UserError
+from ttcompress.outputs import guard
 
 @app.command()
 @handles_errors
@@ -41,10 +42,7 @@ def spectrum(
 
     Example: ttcompress spectrum model.th --arch resnet20 --all-methods
     """
-    import torch
-
-    from ttcompress.spectral.methods import network_methods, parse_methods
-    from ttcompress.ui import RichProgress, err_console, out_console, print_json, table
+    from ttcompress.spectral.methods import parse_methods
 
     if precision not in ("float32", "float64"):
         raise UserError(f"--precision must be float32 or float64, got {precision!r}")
@@ -57,12 +55,19 @@ def spectrum(
     for flag, path in (("--values", values), ("--plot", plot)):
         if path is not None and "exact" not in methods:
             raise UserError(f"{flag} needs the exact spectrum: add exact to --method (or use --all-methods)")
-    loaded = load_model(checkpoint, arch, mean, std, trust_pickle, list(input_size) if input_size else None)
-    for path in (values, plot):
-        if path is not None:
-            from ttcompress.checkpoint import check_output_path
+    with guard([("--values", values), ("--plot", plot)], inputs=[checkpoint, arch_file(arch)]):
+        _spectrum(checkpoint, arch, input_size, values, plot, precision, methods, method or all_methods, top_k,
+                  mean, std, trust_pickle, as_json)
 
-            check_output_path(path, checkpoint)
+
+def _spectrum(checkpoint, arch, input_size, values, plot, precision, methods, timed, top_k, mean, std,
+              trust_pickle, as_json) -> None:
+    import torch
+
+    from ttcompress.spectral.methods import network_methods
+    from ttcompress.ui import RichProgress, err_console, out_console, print_json, say, table
+
+    loaded = load_model(checkpoint, arch, mean, std, trust_pickle, list(input_size) if input_size else None)
     results = network_methods(loaded.model, loaded.input_size, methods, net=loaded.net,
                               dtype=getattr(torch, precision), top_k=top_k, progress=RichProgress())
     layers = [r.spectrum for r in results if r.spectrum is not None]
@@ -79,13 +84,13 @@ def spectrum(
     else:
         columns, rows = _values_table(results, methods, top_k)
         _print_wide(out_console, table(f"spectrum {checkpoint.name}", columns, rows))
-        if method or all_methods:
+        if timed:
             columns, rows = _times_table(results, methods)
             _print_wide(out_console, table("time per layer (ms)", columns, rows))
     unconverged = [r.name for r in results if r.power_converged is False]
     if unconverged:
-        err_console.print(f"warning: power iteration did not reach its tolerance on {', '.join(unconverged)}; "
-                          "those values are lower estimates", highlight=False, soft_wrap=True)
+        say(err_console, "warning:", f"power iteration did not reach its tolerance on {', '.join(unconverged)}; "
+            "those values are lower estimates", "yellow")
     for path in (values, plot):
         if path is not None:
             err_console.print(f"wrote {path}")
@@ -102,7 +107,8 @@ def _print_wide(console, renderable) -> None:
     from rich.console import Console
 
     width = console.measure(renderable, options=console.options.update_width(10_000)).maximum
-    Console(file=console.file, width=max(console.width, width), color_system=None).print(renderable)
+    Console(file=console.file, width=max(console.width, width), color_system=None, markup=False, emoji=False,
+            highlight=False).print(renderable)
 
 
 def _values_table(results, methods: tuple[str, ...], top_k: int | None) -> tuple[list[str], list[list]]:
