@@ -143,7 +143,7 @@ def test_clip_of_a_tt_layer_is_sedghi_projection_of_its_core():
     from ttcompress.spectral.periodic import clip
 
     expected = K.compose_tt(qf, clip(core, SIZES["tt_down"], 1.0, K.Geometry((2, 2)), dtype=torch.float64), ql)
-    Controller(net, SIZES, clip_to=1.0, clip_every=1, clip_dtype=torch.float64).clip_convs()
+    Controller(net, SIZES, clip_to=1.0, clip_every=1, clip_dtype=torch.float64)["clip"].apply()
     torch.testing.assert_close(layer.dense_weight(), expected.to(layer.dense_weight().dtype))
 
 
@@ -169,7 +169,7 @@ def test_control_keeps_orthonormal_frames_as_they_are():
 def test_enforce_bounds_meets_the_bound_on_the_dense_operator(max_reprojections):
     net = make_net()
     ctl = Controller(net, SIZES, clip_to=1.0, max_reprojections=max_reprojections)
-    ctl.clip_convs()
+    ctl["clip"].apply()
     reports = {r.name: r for r in ctl.enforce_bounds()}
     assert set(reports) == set(CONVS)
     for name in CONVS:
@@ -316,8 +316,8 @@ def test_fastclip_control_and_verification_against_dense_zero_padded(with_bn, ve
     ctl.after_step(2)
     mid = {n: composition_sigma(net, n, bn_of.get(n)) for n in CONVS}
     assert all(mid[n] < before[n] for n in CONVS) and ctl.timings["fastclip"] > 0
-    assert set(ctl.fastclip_vectors) == set(CONVS)
-    ctl.fastclip_rounds = verify_rounds  # few: the verification has to rescale; many: FastClip alone gets there
+    assert set(ctl["fastclip"].vectors) == set(CONVS)
+    ctl["fastclip"].rounds = verify_rounds  # few: the verification has to rescale; many: FastClip alone gets there
     reports = {r.name: r for r in ctl.enforce_bounds()}
     for name in CONVS:
         r = reports[name]
@@ -337,7 +337,7 @@ def test_fastclip_vectors_round_trip_through_the_state():
     b.load_state_dict(a.state_dict())
     cb = Controller(b, SIZES, fastclip_to=1.0, fastclip_every=1, fastclip_rounds=2, clip_dtype=torch.float64)
     cb.load_state_dict(ca.state_dict())
-    assert cb.fastclip_vectors.keys() == ca.fastclip_vectors.keys() == set(CONVS)
+    assert cb["fastclip"].vectors.keys() == ca["fastclip"].vectors.keys() == set(CONVS)
     ca.after_step(2)
     cb.after_step(2)
     for k, v in a.state_dict().items():
@@ -351,12 +351,13 @@ def test_fastclip_vectors_round_trip_through_the_state():
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(clip_to=1.0, fastclip_to=1.0), "--fastclip-to and --clip-to"),
-    (dict(divide_to=1.0, fastclip_to=1.0), "--fastclip-to and --divide-to"),
-    (dict(clip_to=1.0, clip_with_bn=True), "--clip-with-bn needs --fastclip-to"),
+    (dict(clip_to=1.0, fastclip_to=1.0), "fastclip_to and clip_to"),
+    (dict(divide_to=1.0, fastclip_to=1.0), "fastclip_to and divide_to"),
+    (dict(clip_to=1.0, clip_with_bn=True), "clip_with_bn needs fastclip_to"),
     (dict(fastclip_to=1.0, clip_with_bn=True), "batchnorms="),
-    (dict(fastclip_to=-1.0), "--fastclip-to must be positive"),
-    (dict(fastclip_to=1.0, fastclip_k=0), "--fastclip-k"),
+    (dict(fastclip_to=-1.0), "fastclip_to must be a positive number"),
+    (dict(fastclip_to=float("nan")), "fastclip_to must be a positive number"),
+    (dict(fastclip_to=1.0, fastclip_k=0), "fastclip_k must be a positive integer"),
 ])
 def test_fastclip_combinations_are_checked(kw, message):
     with pytest.raises(UserError, match=message):

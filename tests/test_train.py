@@ -118,20 +118,24 @@ def test_recipe_defaults_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(data="x.npz"), "--epochs E or --steps N"),
+    (dict(data="x.npz"), "epochs or steps"),
     (dict(data="x.npz", steps=3, epochs=2), "not both"),
-    (dict(steps=3), "--data"),
-    (dict(data="x.npz", steps=3, optimizer="rmsprop"), "--optimizer"),
-    (dict(data="x.npz", steps=3, schedule="multistep:a,b"), "--schedule"),
-    (dict(data="x.npz", steps=3, clip_to=-1.0), "--clip-to"),
-    (dict(data="x.npz", steps=3, optimizer="adam", nesterov=True), "--nesterov"),
-    (dict(data="x.npz", steps=3, device="tpu"), "--device"),
-    (dict(data="x.npz", steps=3, f4_weight=-1.0), "--f4-weight"),
-    (dict(data="x.npz", steps=3, clip_to=1.0, fastclip_to=1.0), "--fastclip-to and --clip-to"),
-    (dict(data="x.npz", steps=3, divide_to=1.0, fastclip_to=1.0), "--fastclip-to and --divide-to"),
-    (dict(data="x.npz", steps=3, clip_with_bn=True), "--clip-with-bn needs --fastclip-to"),
-    (dict(data="x.npz", steps=3, fastclip_to=0.0), "--fastclip-to"),
-    (dict(data="x.npz", steps=3, fastclip_to=1.0, fastclip_every=0), "--fastclip-every"),
+    (dict(steps=3), "data"),
+    (dict(data="x.npz", steps=3, optimizer="rmsprop"), "optimizer must"),
+    (dict(data="x.npz", steps=3, schedule="multistep:a,b"), "schedule must"),
+    (dict(data="x.npz", steps=3, clip_to=-1.0), "clip_to must"),
+    (dict(data="x.npz", steps=3, optimizer="adam", nesterov=True), "nesterov needs"),
+    (dict(data="x.npz", steps=3, device="tpu"), "device must"),
+    (dict(data="x.npz", steps=3, f4_weight=-1.0), "f4_weight must"),
+    (dict(data="x.npz", steps=3, clip_to=1.0, fastclip_to=1.0), "fastclip_to and clip_to"),
+    (dict(data="x.npz", steps=3, divide_to=1.0, fastclip_to=1.0), "fastclip_to and divide_to"),
+    (dict(data="x.npz", steps=3, clip_with_bn=True), "clip_with_bn needs fastclip_to"),
+    (dict(data="x.npz", steps=3, fastclip_to=0.0), "fastclip_to must"),
+    (dict(data="x.npz", steps=3, fastclip_to=1.0, fastclip_every=0), "fastclip_every must"),
+    (dict(data="x.npz", steps=3, schedule="multistep:nan"), "schedule must"),
+    *[(dict(data="x.npz", steps=3, **{name: value}), f"{name} must be a finite number")
+      for name in ("lr", "momentum", "weight_decay", "orthogonal_k", "f4_weight", "clip_to", "divide_to", "bn_to",
+                   "linear_to", "fastclip_to", "schedule_epochs") for value in (float("nan"), float("inf"))],
 ])
 def test_bad_settings_are_user_errors(kw, message):
     with pytest.raises(UserError, match=message):
@@ -309,9 +313,9 @@ def test_resume_gives_the_same_weights(tiny, control, one_thread):
     state = torch.load(state_path, weights_only=True)  # plain tensors and containers only
     assert state["step"] == 3 and not out.exists()
     if control.get("divide_to"):
-        assert state["controller"]["power"]["vectors"]  # the power-iteration vectors travel with the state
+        assert state["controller"]["methods"]["divide"]["power"]["vectors"]  # the power-iteration vectors travel with the state
     if control.get("fastclip_to"):  # so do FastClip's singular vectors (clipped at step 2)
-        assert set(state["controller"]["fastclip"]) == {"conv1", "conv2", "conv3"}
+        assert set(state["controller"]["methods"]["fastclip"]["vectors"]) == {"conv1", "conv2", "conv3"}
     result = finetune(ck.load(tiny["model"]), config(tiny, resume=True, **control), out_path=out)
     assert result.resumed_from == 3
 
@@ -348,7 +352,7 @@ def test_output_never_over_the_input(tiny):
 
 
 def test_amp_needs_cuda(tiny):
-    with pytest.raises(UserError, match="--amp needs a CUDA"):
+    with pytest.raises(UserError, match="amp needs a CUDA"):
         finetune(ck.load(tiny["model"]), config(tiny, amp=True), out_path=tiny["dir"] / "amp.safetensors")
 
 
