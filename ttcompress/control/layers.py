@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ttcompress.errors import UserError
+from ttcompress.errors import SettingError, UserError
 from ttcompress.kernel import Geometry, Pair
 from ttcompress.tt import TTConv, conv_layers
 
@@ -93,9 +93,10 @@ class Layers:
                                     f"stride {s1}×{s2}; exact spectra need an input size that is a multiple of the "
                                     "stride")
                 if conv.padding_mode not in PERIODIC_PADDINGS:
-                    raise UserError(f"layer {conv.name} pads with padding_mode={conv.padding_mode!r}: the periodic "
-                                    f"spectrum {method} controls does not bound that layer as it runs; use "
-                                    "fastclip_to (which controls the layer as it runs, with its own padding)")
+                    raise SettingError(f"layer {conv.name} pads with padding_mode={conv.padding_mode!r}: the "
+                                       f"periodic spectrum {method} controls does not bound that layer as it runs; "
+                                       "use fastclip_to (it controls the layer as it runs, with its own padding)",
+                                       method, "fastclip_to")
         return list(self.convs)
 
 
