@@ -137,7 +137,11 @@ class Controller:
         return {"timings": dict(self.timings), "methods": {m.name: m.state_dict() for m in self.methods}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.timings.update({str(k): float(v) for k, v in state.get("timings", {}).items()})
-        methods = state.get("methods", {})
+        """Restore from :meth:`state_dict`; ValueError when it is not one."""
+        timings, methods = state.get("timings", {}), state.get("methods", {})
+        if not isinstance(timings, dict) or not isinstance(methods, dict) or \
+                not all(isinstance(v, dict) for v in methods.values()):
+            raise ValueError("not a controller state")
+        self.timings.update({str(k): float(v) for k, v in timings.items()})
         for method in self.methods:
             method.load_state_dict(methods.get(method.name, {}))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -99,7 +100,9 @@ class RunFiles:
         path = self.state_path
         assert path is not None
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's own pickle-protocol notes: the one line below says enough
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a truncated or foreign file: say which and how to recover
             raise UserError(f"cannot read the state file {path} ({type(exc).__name__}); delete it to start over") \
                 from None
