@@ -160,3 +160,17 @@ def test_a_non_editable_install_finds_the_shipped_recipes_by_name(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"})
     module, recipe, clip_to = done.stdout.split()
     assert Path(module).is_relative_to(target) and Path(recipe).is_relative_to(target) and float(clip_to) == 1.0
+
+
+def test_eval_offers_every_norm_version_and_metric_the_library_supports():
+    import typer
+
+    import ttcompress.cli.evaluate  # noqa: F401
+    from ttcompress.cli import app
+    from ttcompress.evaluate import METRICS
+    from ttcompress.metrics import ATTACK_NORMS, ATTACK_VERSIONS
+
+    helps = {p.name: p.help for p in typer.main.get_command(app).commands["eval"].params}
+    for name, choices in (("norm", ATTACK_NORMS), ("attack_version", ATTACK_VERSIONS), ("metrics", METRICS)):
+        assert all(c in helps[name] for c in choices), name
+    assert {"L1", "plus", "rand"} <= set(ATTACK_NORMS) | set(ATTACK_VERSIONS)  # more than the CLI used to take
