@@ -512,7 +512,7 @@ def _wrong_shape(state):
     (lambda s: s["optimizer"].update(param_groups=[]), "does not fit this run"),
     (lambda s: s["controller"].update(methods={"clip": 5}), "does not fit this run"),
     (lambda s: s.update(timings={"training": float("nan")}), "timings"),
-    (lambda s: s.update(format=2), "wrong format"),
+    (lambda s: s.update(format=1), "wrong format"),  # format 1 kept the control state in another layout
 ], ids=["no-optimizer", "step-str", "step-negative", "step-past-end", "rng-short", "rng-float", "model-list",
         "other-model", "wrong-shape", "optimizer-groups", "controller", "timings-nan", "format"])
 def test_bad_state_files_are_refused_in_one_line_and_never_resumed(tiny, crashed, spoil, message):

@@ -36,7 +36,7 @@ from ttcompress.errors import DivergenceError, UserError
 
 __all__ = ["LOG_COLUMNS", "STATE_FORMAT", "CsvLog", "RunFiles", "RunState", "check_state", "run_paths"]
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the control state per method (controller.methods.NAME)
 LOG_COLUMNS = ("step", "epoch", "loss", "ce", "ortho", "f4", "train_acc", "lr", "seconds")
 # settings a resumed run may change without a note
 _FREE_TO_CHANGE = {"resume", "save_every", "device", "tensorboard", "recipe", "description"}
