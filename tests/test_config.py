@@ -77,6 +77,11 @@ def test_setting_errors_render_as_flags():
     assert err.render(lambda n: "--" + n.replace("_", "-")) == \
         "--fastclip-to and --clip-to both control the convs; clip_to_x stays"
     assert str(err).startswith("fastclip_to and clip_to")
+    from ttcompress.errors import DivergenceError
+
+    diverged = DivergenceError("Lower lr (or orthogonal_k) and re-run with resume", "lr", "orthogonal_k", "resume")
+    assert diverged.render(lambda n: "--" + n.replace("_", "-")) == \
+        "Lower --lr (or --orthogonal-k) and re-run with --resume" and diverged.exit_code == 1
 
 
 # --- recipes ------------------------------------------------------------------------------------------------------

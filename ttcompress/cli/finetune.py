@@ -106,7 +106,7 @@ def finetune(
     settings = {k: v for k, v in locals().items() if k in FinetuneConfig.__dataclass_fields__}
     from ttcompress import checkpoint as ck
     from ttcompress.cli.common import load_model
-    from ttcompress.errors import SettingError, UserError
+    from ttcompress.errors import TTCompressError
     from ttcompress.train import finetune as run_finetune
     from ttcompress.ui import RichProgress, err_console, out_console, print_json, table
 
@@ -115,8 +115,10 @@ def finetune(
         out = ck.check_output_path(out, checkpoint)
         loaded = load_model(checkpoint, config.arch, None, None, False)
         result = run_finetune(loaded, config, out_path=out, progress=RichProgress())
-    except SettingError as exc:
-        raise UserError(exc.render(flag)) from None
+    except TTCompressError as exc:
+        if not exc.settings:
+            raise
+        raise type(exc)(exc.render(flag)) from None
     if result.world_size > 1 and result.log_path is None:
         return  # not rank 0: rank 0 reports
     if as_json:

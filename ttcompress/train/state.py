@@ -289,6 +289,6 @@ class RunState:
             f"the weights stopped being finite after step {self.step}"
         raise DivergenceError(
             f"training diverged: {what} (epoch {self.step // self.per_epoch + 1}); stopped, nothing "
-            f"written to the output. {kept[0].upper() + kept[1:]}. Lower --lr (or --orthogonal-k) and re-run with "
-            "--resume, or start over without it"
+            f"written to the output. {kept[0].upper() + kept[1:]}. Lower lr (or orthogonal_k) and re-run with "
+            "resume, or start over without it", "lr", "orthogonal_k", "resume"
         )
