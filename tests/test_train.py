@@ -593,3 +593,15 @@ def test_a_plain_module_on_plain_batches_with_an_extra_loss_and_no_files(tiny):
         finetune(net, cfg, data=batches, out_path=tiny["dir"] / "x.safetensors")
     with pytest.raises(UserError, match="in steps"):
         finetune(net, FinetuneConfig(epochs=1, device="cpu"), data=(b for b in batches))
+
+
+def test_an_extra_loss_term_is_a_column_of_the_log(tiny):
+    out = tiny["dir"] / "extra.safetensors"
+    finetune(ck.load(tiny["model"]), config(tiny, steps=2, clip_to=None, bn_recalibrate=0), out_path=out,
+             extra_loss=lambda model, x, y, logits: 0.25 * logits.pow(2).mean())
+    rows = read_log(run_paths(out)["log"])
+    assert list(rows[0]) == ["step", "epoch", "loss", "ce", "ortho", "f4", "extra", "train_acc", "lr", "seconds"]
+    for r in rows:
+        assert float(r["extra"]) > 0
+        assert float(r["loss"]) == pytest.approx(float(r["ce"]) + 10.0 * float(r["ortho"]) + float(r["extra"]),
+                                                 rel=1e-4)

@@ -6,9 +6,11 @@
 * ``after_step(run, info)`` — after optimizer step ``run.step`` (:class:`StepInfo`: the step's metrics).
 
 The built-in hooks, in the order the finetune run uses them: :class:`DivergenceGuard`, :class:`ControlHook`,
-:class:`CsvHook`, :class:`TensorBoardHook`, :class:`ProgressHook`, :class:`SaveHook`.  **Add a logged metric**:
-put it in ``StepInfo.metrics`` (from :func:`ttcompress.train.loop.train_step` or an earlier hook); the CSV
-log (its columns are fixed when it opens: give them to :class:`CsvHook`) and TensorBoard write every metric.
+:class:`CsvHook`, :class:`TensorBoardHook`, :class:`ProgressHook`, :class:`SaveHook`; ``finetune(hooks=...)``
+appends more.  **Add a logged metric**: put it in ``StepInfo.metrics`` (from
+:func:`ttcompress.train.loop.train_step` or an earlier hook); TensorBoard writes every metric, the CSV log the
+columns it was opened with (a loss term of :mod:`ttcompress.train.loss` becomes one by itself; name others to
+:class:`CsvHook`).
 """
 
 from __future__ import annotations
