@@ -204,9 +204,9 @@ def _finetune(model_in: ck.LoadedModel | nn.Module, loaded: ck.LoadedModel | Non
                                world_size=dist.world_size, device=device)
     else:
         batches = _Batches(data, device)
-    if hasattr(batches, "__len__") and (data is None or hasattr(data, "__len__")):
+    if data is None or hasattr(data, "__len__"):
         per_epoch = len(batches)
-    elif cfg.steps is not None:
+    elif cfg.steps is not None:  # a generator: one "epoch" is the whole run
         per_epoch = cfg.steps
     else:
         raise UserError("data without a length (a generator) needs the run length in steps, not epochs")
@@ -254,7 +254,7 @@ def _finetune(model_in: ck.LoadedModel | nn.Module, loaded: ck.LoadedModel | Non
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     objective = Objective(net, cfg.orthogonal_k, cfg.f4_weight, extra_loss)
     shown = ProgressHook(progress)
-    hooks = [DivergenceGuard(dist), ControlHook(), CsvHook(objective.columns[:]),
+    hooks = [DivergenceGuard(dist), ControlHook(), CsvHook(objective.columns),
              *([TensorBoardHook()] if cfg.tensorboard else []), shown, SaveHook(cfg.save_every), *more_hooks]
     final_loss = train_loop(run, train_model, batches, objective, hooks)
     run.save()  # a crash during verification or evaluation resumes here
