@@ -76,7 +76,7 @@ def tiny(tmp_path) -> dict[str, Path]:
     test_x, test_y = split(24)
     data = tmp_path / "tiny.npz"
     np.savez(data, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-    return {"model": Path(model_path), "data": data, "dir": tmp_path}
+    return {"model": Path(model_path), "data": data, "dir": tmp_path, "arch": spec}
 
 
 def config(tiny, **kw) -> FinetuneConfig:
@@ -487,7 +487,7 @@ def crashed(tiny):
     """A run stopped after step 3 of 6: its state file, log and output path."""
     out = tiny["dir"] / "crashed.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        finetune(ck.load(tiny["model"]), config(tiny), out_path=out, progress=CrashAt(4))
+        finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny), out_path=out, progress=CrashAt(4))
     return {"out": out, **run_paths(out)}
 
 
@@ -521,7 +521,7 @@ def test_bad_state_files_are_refused_in_one_line_and_never_resumed(tiny, crashed
     torch.save(state, crashed["state"])
     kept = {p: p.read_bytes() for p in (crashed["state"], crashed["log"])}
     with pytest.raises(UserError, match=message):
-        finetune(ck.load(tiny["model"]), config(tiny, resume=True), out_path=crashed["out"])
+        finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, resume=True), out_path=crashed["out"])
     assert {p: p.read_bytes() for p in kept} == kept and not crashed["out"].exists()
 
 
@@ -531,8 +531,8 @@ def test_a_garbage_state_file_through_the_cli(tiny, crashed):
 
     crashed["state"].write_bytes(b"\x80\x04not a zip file")
     log = crashed["log"].read_bytes()
-    args = ["finetune", str(tiny["model"]), "--data", str(tiny["data"]), "--steps", "6", "--batch-size", "16",
-            "--device", "cpu", "--resume", "-o", str(crashed["out"])]
+    args = ["finetune", str(tiny["model"]), "--arch", tiny["arch"], "--data", str(tiny["data"]), "--steps", "6",
+            "--batch-size", "16", "--device", "cpu", "--resume", "-o", str(crashed["out"])]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "cannot read the state file" in res.output and "Traceback" not in res.output
     assert crashed["log"].read_bytes() == log
@@ -545,7 +545,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tiny):
     import ttcompress.cli.finetune  # noqa: F401
     from ttcompress.cli import app
 
-    loaded = ck.load(tiny["model"])
+    loaded = ck.load(tiny["model"], arch=tiny["arch"])
     with torch.no_grad():
         loaded.net.conv2.core.weight[0, 0, 0, 0] = float("inf")
     with pytest.raises(UserError, match=r"conv2\.core\.weight holds NaN or Inf"):
@@ -553,8 +553,8 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tiny):
     with torch.no_grad():
         loaded.net.conv2.core.weight[0, 0, 0, 0] = float("nan")
     bad = ck.save(loaded, tiny["dir"] / "nan-in.safetensors")
-    res = CliRunner().invoke(app, ["finetune", str(bad), "--data", str(tiny["data"]), "--steps", "2", "--device",
-                                   "cpu", "-o", str(tiny["dir"] / "nan-out.safetensors")])
+    res = CliRunner().invoke(app, ["finetune", str(bad), "--arch", tiny["arch"], "--data", str(tiny["data"]),
+                                   "--steps", "2", "--device", "cpu", "-o", str(tiny["dir"] / "nan-out.safetensors")])
     assert res.exit_code == 2 and "conv2.core.weight holds NaN or Inf" in res.output and "Traceback" not in res.output
 
 
@@ -563,7 +563,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tiny):
 def test_a_plain_module_on_plain_batches_with_an_extra_loss_and_no_files(tiny):
     from ttcompress.train.hooks import Hook
 
-    net = ck.load(tiny["model"]).net
+    net = ck.load(tiny["model"], arch=tiny["arch"]).net
     torch.manual_seed(0)
     batches = [(torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))) for _ in range(3)]
     seen, calls = [], []
@@ -597,7 +597,7 @@ def test_a_plain_module_on_plain_batches_with_an_extra_loss_and_no_files(tiny):
 
 def test_an_extra_loss_term_is_a_column_of_the_log(tiny):
     out = tiny["dir"] / "extra.safetensors"
-    finetune(ck.load(tiny["model"]), config(tiny, steps=2, clip_to=None, bn_recalibrate=0), out_path=out,
+    finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, steps=2, clip_to=None, bn_recalibrate=0), out_path=out,
              extra_loss=lambda model, x, y, logits: 0.25 * logits.pow(2).mean())
     rows = read_log(run_paths(out)["log"])
     assert list(rows[0]) == ["step", "epoch", "loss", "ce", "ortho", "f4", "extra", "train_acc", "lr", "seconds"]
