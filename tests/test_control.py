@@ -143,7 +143,7 @@ def test_clip_of_a_tt_layer_is_sedghi_projection_of_its_core():
     from ttcompress.spectral.periodic import clip
 
     expected = K.compose_tt(qf, clip(core, SIZES["tt_down"], 1.0, K.Geometry((2, 2)), dtype=torch.float64), ql)
-    Controller(net, SIZES, clip_to=1.0, clip_every=1, clip_dtype=torch.float64).clip_convs()
+    Controller(net, SIZES, clip_to=1.0, clip_every=1, clip_dtype=torch.float64)["clip"].apply()
     torch.testing.assert_close(layer.dense_weight(), expected.to(layer.dense_weight().dtype))
 
 
@@ -169,7 +169,7 @@ def test_control_keeps_orthonormal_frames_as_they_are():
 def test_enforce_bounds_meets_the_bound_on_the_dense_operator(max_reprojections):
     net = make_net()
     ctl = Controller(net, SIZES, clip_to=1.0, max_reprojections=max_reprojections)
-    ctl.clip_convs()
+    ctl["clip"].apply()
     reports = {r.name: r for r in ctl.enforce_bounds()}
     assert set(reports) == set(CONVS)
     for name in CONVS:
@@ -305,8 +305,8 @@ def test_fastclip_control_and_verification_against_dense_zero_padded(with_bn, ve
     with torch.no_grad():
         net.bn1.weight.fill_(2.0)
         net.bn1.running_var.fill_(0.5)
-    pairs = following_batchnorms(net, (3, 8, 8)) if with_bn else None
-    assert pairs is None or pairs == {"conv1": "bn1"}  # `down` feeds a ReLU, the TT layers no BatchNorm
+    assert following_batchnorms(net, (3, 8, 8)) == {"conv1": "bn1"}  # `down` feeds a ReLU, the TT layers no BN
+    pairs = {"conv1": "bn1"} if with_bn else None
     bn_of = {"conv1": "bn1"} if with_bn else {}
     before = {n: composition_sigma(net, n, bn_of.get(n)) for n in CONVS}
     ctl = Controller(net, SIZES, fastclip_to=1.0, fastclip_every=2, fastclip_rounds=3, clip_with_bn=with_bn,
@@ -316,8 +316,8 @@ def test_fastclip_control_and_verification_against_dense_zero_padded(with_bn, ve
     ctl.after_step(2)
     mid = {n: composition_sigma(net, n, bn_of.get(n)) for n in CONVS}
     assert all(mid[n] < before[n] for n in CONVS) and ctl.timings["fastclip"] > 0
-    assert set(ctl.fastclip_vectors) == set(CONVS)
-    ctl.fastclip_rounds = verify_rounds  # few: the verification has to rescale; many: FastClip alone gets there
+    assert set(ctl["fastclip"].vectors) == set(CONVS)
+    ctl["fastclip"].rounds = verify_rounds  # few: the verification has to rescale; many: FastClip alone gets there
     reports = {r.name: r for r in ctl.enforce_bounds()}
     for name in CONVS:
         r = reports[name]
@@ -337,7 +337,7 @@ def test_fastclip_vectors_round_trip_through_the_state():
     b.load_state_dict(a.state_dict())
     cb = Controller(b, SIZES, fastclip_to=1.0, fastclip_every=1, fastclip_rounds=2, clip_dtype=torch.float64)
     cb.load_state_dict(ca.state_dict())
-    assert cb.fastclip_vectors.keys() == ca.fastclip_vectors.keys() == set(CONVS)
+    assert cb["fastclip"].vectors.keys() == ca["fastclip"].vectors.keys() == set(CONVS)
     ca.after_step(2)
     cb.after_step(2)
     for k, v in a.state_dict().items():
@@ -351,13 +351,131 @@ def test_fastclip_vectors_round_trip_through_the_state():
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(clip_to=1.0, fastclip_to=1.0), "--fastclip-to and --clip-to"),
-    (dict(divide_to=1.0, fastclip_to=1.0), "--fastclip-to and --divide-to"),
-    (dict(clip_to=1.0, clip_with_bn=True), "--clip-with-bn needs --fastclip-to"),
+    (dict(clip_to=1.0, fastclip_to=1.0), "fastclip_to and clip_to"),
+    (dict(divide_to=1.0, fastclip_to=1.0), "fastclip_to and divide_to"),
+    (dict(clip_to=1.0, clip_with_bn=True), "clip_with_bn needs fastclip_to"),
     (dict(fastclip_to=1.0, clip_with_bn=True), "batchnorms="),
-    (dict(fastclip_to=-1.0), "--fastclip-to must be positive"),
-    (dict(fastclip_to=1.0, fastclip_k=0), "--fastclip-k"),
+    (dict(fastclip_to=-1.0), "fastclip_to must be a positive number"),
+    (dict(fastclip_to=float("nan")), "fastclip_to must be a positive number"),
+    (dict(fastclip_to=1.0, fastclip_k=0), "fastclip_k must be a positive integer"),
 ])
 def test_fastclip_combinations_are_checked(kw, message):
     with pytest.raises(UserError, match=message):
         Controller(make_net(), SIZES, **kw)
+
+
+# --- padding modes: the bound holds for the layer as it runs ---------------------------------------------------------
+
+def running_sigma(layer: nn.Module, size) -> float:
+    """Dense σmax of the layer exactly as it runs (its own padding mode), bias left out."""
+    with torch.no_grad():
+        zero = layer(torch.zeros(1, layer.in_channels, *size, dtype=torch.float64))
+    return float(dense_singular_values(operator_matrix(lambda x: layer(x) - zero, (layer.in_channels, *size)))[0])
+
+
+def padded_net(mode: str, tt: bool) -> nn.Sequential:
+    torch.manual_seed(0)
+    layer = (TTConv2d(3, 5, 3, (3, 3), padding=1, padding_mode=mode) if tt
+             else nn.Conv2d(3, 5, 3, padding=1, padding_mode=mode))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(3)
+    return nn.Sequential(layer).double()
+
+
+@pytest.mark.parametrize("tt", [False, True], ids=["dense", "tt"])
+@pytest.mark.parametrize("mode", ["zeros", "circular", "reflect", "replicate"])
+def test_padding_modes_fastclip_bounds_the_layer_as_it_runs(mode, tt):
+    net = padded_net(mode, tt)
+    assert running_sigma(net[0], (6, 6)) > 2
+    ctl = Controller(net, {"0": (6, 6)}, fastclip_to=1.0, fastclip_every=1, fastclip_rounds=20,
+                     clip_dtype=torch.float64)
+    ctl.after_step(1)
+    (report,) = ctl.enforce_bounds()
+    dense = running_sigma(net[0], (6, 6))
+    assert dense <= 1.0 * (1 + 1.5e-3) and report.sigma_after == pytest.approx(dense, rel=1e-3)
+    assert report.operator == ("zero" if mode == "zeros" else mode) + "-padded"
+
+
+@pytest.mark.parametrize("method", ["clip_to", "divide_to"])
+@pytest.mark.parametrize("mode", ["zeros", "circular", "reflect", "replicate"])
+def test_padding_modes_periodic_control_is_exact_or_refused(mode, method):
+    net = padded_net(mode, tt=False)
+    if mode in ("reflect", "replicate"):  # the periodic spectrum says nothing about these layers: no claim made
+        with pytest.raises(UserError, match=f"padding_mode='{mode}'.*{method}.*fastclip_to"):
+            Controller(net, {"0": (6, 6)}, **{method: 1.0})
+        return
+    ctl = Controller(net, {"0": (6, 6)}, **{method: 1.0})
+    (report,) = ctl.enforce_bounds()
+    dense = running_sigma(net[0], (6, 6))
+    if mode == "circular":  # the layer as it runs is the periodic operator (shifted): the report is exact
+        assert report.sigma_after == pytest.approx(dense, rel=1e-9)
+    assert dense <= 1.0 * 1.01 and report.sigma_after <= 1.01
+
+
+# --- plug-in methods ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def registry():
+    """The method registry, restored after the test (a test method must not leak into other tests)."""
+    from ttcompress.control import METHODS
+
+    saved = dict(METHODS)
+    yield METHODS
+    METHODS.clear()
+    METHODS.update(saved)
+
+
+def test_a_new_method_plugs_in_without_touching_the_package(registry):
+    """A toy method, written here: it halves the last linear layer's weight every ``halve_every`` steps, verifies
+    the Frobenius norm against ``halve_to`` and keeps a count in its state."""
+    from ttcompress.control import BoundReport, ControlMethod, register
+
+    @register
+    class Halve(ControlMethod):
+        name = "halve"
+        order = 45
+        settings = {"halve_to": None, "halve_every": 2}
+
+        def __init__(self, linear, bound, every):
+            self.linear, self.bound, self.every, self.count = linear, bound, every, 0
+
+        @classmethod
+        def build(cls, settings, layers, ctx):
+            if settings["halve_to"] is None:
+                return None
+            return cls(layers.linears[-1][1], settings["halve_to"], settings["halve_every"])
+
+        def due(self, step):
+            return step % self.every == 0
+
+        def apply(self):
+            self.linear.weight.mul_(0.5)
+            self.count += 1
+
+        def verify(self):
+            norm = float(self.linear.weight.norm())
+            return [BoundReport("fc", "linear", self.bound, norm, norm, operator="frobenius")]
+
+        def state_dict(self):
+            return {"count": self.count}
+
+        def load_state_dict(self, state):
+            self.count = state["count"]
+
+    net = make_net()
+    w = net.fc.weight.detach().clone()
+    with pytest.raises(UserError, match="halve_every must be a positive integer"):
+        Controller(net, SIZES, halve_to=1.0, halve_every=0)
+    ctl = Controller(net, SIZES, halve_to=1.0, bn_to=100.0)
+    assert [m.name for m in ctl.methods] == ["halve", "bn"]
+    for step in range(1, 6):
+        ctl.after_step(step)
+    torch.testing.assert_close(net.fc.weight.detach(), w / 4)  # steps 2 and 4
+    reports = ctl.enforce_bounds()
+    assert [r.operator for r in reports] == ["frobenius"] + ["bn"] and ctl.timings["halve"] > 0
+    other = Controller(make_net(), SIZES, halve_to=1.0)
+    other.load_state_dict(ctl.state_dict())
+    assert other["halve"].count == 2
+    with pytest.raises(TypeError, match="unknown setting"):
+        Controller(net, SIZES, halve_too=1.0)

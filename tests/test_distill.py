@@ -9,7 +9,8 @@ import torch
 
 from ttcompress import archs
 from ttcompress import checkpoint as ck
-from ttcompress.distill import Distillation, file_sha256, kd_loss, load_teacher
+from ttcompress.checkpoint import file_sha256
+from ttcompress.distill import Distillation, kd_loss, load_teacher
 from ttcompress.errors import UserError
 from ttcompress.schedule import BoundSchedule
 
@@ -46,7 +47,7 @@ def test_distillation_term_uses_a_frozen_teacher_in_eval_mode():
     value = term(student, x, torch.zeros(4, dtype=torch.long), logits)
     with torch.no_grad():
         expected = 0.7 * kd_loss(logits, teacher.eval()(x), 3.0)
-    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+    assert float(value.detach()) == pytest.approx(float(expected), rel=1e-6)
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     value.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -133,3 +134,137 @@ def test_schedule_goes_from_the_start_to_the_target_and_stays(shape):
         assert values[25] == pytest.approx(start + (target - start) * (0.5 - 0.5 * math.cos(math.pi / 2)))
     assert BoundSchedule.parse("none").bound(0, total, start, target) == target
     assert str(BoundSchedule.parse(f"{shape}:0.5")) == f"{shape}:0.5"
+
+
+# --- in finetune --------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small(tmp_path):
+    """A dense CIFAR-size ResNet-20 (random weights, BN statistics set) decomposed from a file, and 32×32 data."""
+    import numpy as np
+
+    from ttcompress.tt import decompose
+
+    torch.manual_seed(4)
+    dense = ck.initialize("resnet20")
+    source = tmp_path / "dense.safetensors"
+    ck.save(dense, source)
+    student = ck.load(source)
+    decompose(student.net, rank=4)
+    student.meta.history.append(ck.history_entry("decompose", checkpoint=str(source),
+                                                 checkpoint_sha256=file_sha256(source)))
+    tt = tmp_path / "tt.safetensors"
+    ck.save(student, tt)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, train_x=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), train_y=rng.integers(0, 10, 16),
+             test_x=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), test_y=rng.integers(0, 10, 8))
+    return {"source": source, "tt": tt, "data": data, "dir": tmp_path}
+
+
+def _config(small, **kw):
+    from ttcompress.train import FinetuneConfig
+
+    base = dict(data=str(small["data"]), steps=2, batch_size=8, lr=0.01, device="cpu", bn_recalibrate=0)
+    base.update(kw)
+    return FinetuneConfig.from_recipe(None, **base)
+
+
+def test_finetune_with_teacher_logs_the_term_and_times_the_teacher(small):
+    import csv
+
+    from ttcompress.train import finetune
+    from ttcompress.train.state import run_paths
+
+    out = small["dir"] / "kd.safetensors"
+    result = finetune(ck.load(small["tt"]), _config(small, teacher="auto", kd_alpha=2.0, kd_temperature=3.0),
+                      out_path=out)
+    assert result.time_teacher > 0 and result.config["teacher"] == "auto"
+    with open(run_paths(out)["log"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and all(float(r["kd"]) > 0 for r in rows)
+    for r in rows:  # the loss is the sum of its terms
+        assert float(r["loss"]) == pytest.approx(float(r["ce"]) + float(r["kd"]), rel=1e-4)
+    without = finetune(ck.load(small["tt"]), _config(small), out_path=small["dir"] / "plain.safetensors")
+    assert without.time_teacher == 0
+    # the source changed since decompose: --teacher auto refuses it before any work
+    ck.save(ck.initialize("resnet20", seed=1), small["source"])
+    with pytest.raises(UserError, match="changed since"):
+        finetune(ck.load(small["tt"]), _config(small, teacher="auto"), out_path=small["dir"] / "x.safetensors")
+    assert not (small["dir"] / "x.safetensors").exists()
+
+
+def test_finetune_cli_teacher_flags(small):
+    from typer.testing import CliRunner
+
+    import ttcompress.cli.finetune  # noqa: F401
+    from ttcompress.cli import app
+
+    out = small["dir"] / "cli.safetensors"
+    res = CliRunner().invoke(app, ["finetune", str(small["tt"]), "--data", str(small["data"]), "--steps", "1",
+                                   "--batch-size", "8", "--teacher", str(small["source"]), "--kd-alpha", "0.5",
+                                   "--bound-schedule", "linear:0.5", "--clip-to", "1", "--clip-every", "1",
+                                   "--device", "cpu", "--bn-recalibrate", "0", "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    doc = json.loads(res.stdout)
+    assert doc["config"]["kd_alpha"] == 0.5 and doc["config"]["bound_schedule"] == "linear:0.5"
+    assert doc["time_teacher"] > 0 and all(b["sigma_after"] <= 1.01 for b in doc["bounds"])
+    bad = CliRunner().invoke(app, ["finetune", str(small["tt"]), "--data", str(small["data"]), "--steps", "1",
+                                   "--teacher-arch", "resnet20", "-o", str(out)])
+    assert bad.exit_code == 2 and "--teacher" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(app, ["finetune", str(small["tt"]), "--data", str(small["data"]), "--steps", "1",
+                                   "--clip-to", "1", "--bound-schedule", "step:3", "-o", str(out)])
+    assert bad.exit_code == 2 and "--bound-schedule" in bad.output
+
+
+def test_scheduled_clip_follows_the_schedule_and_ends_at_the_bound(small):
+    """Every clip during the run brings each conv to at most its scheduled bound (start σmax → C), measured with the
+    exact periodic spectrum after each step; the saved model meets C."""
+    from ttcompress.control.methods.clip import exact_sigma
+    from ttcompress.schedule import BoundSchedule
+    from ttcompress.train import finetune
+    from ttcompress.train.hooks import Hook
+    from ttcompress.tt import effective_factors
+
+    seen: list[tuple[int, float, float]] = []
+
+    class Watch(Hook):
+        def after_step(self, run, info):
+            clip = run.controller["clip"]
+            for conv in clip.convs[:3]:
+                kernel, _ = effective_factors(conv.layer, torch.float64)
+                sigma = exact_sigma(conv, kernel, torch.float64)
+                bound = BoundSchedule.parse("linear:1").bound(run.step, 4, clip.scheduled.start[conv.name], 1.0)
+                seen.append((run.step, sigma, bound))
+
+    result = finetune(ck.load(small["tt"]), _config(small, steps=4, clip_to=1.0, clip_every=1,
+                                                    bound_schedule="linear:1"), hooks=[Watch()])
+    assert len(seen) == 12, seen
+    first = [(sigma, bound) for step, sigma, bound in seen[::3]]  # the first conv, starting well above C
+    assert first[0][1] > 1.4  # its bound after step 1: most of the way from its start, not C
+    assert all(a[0] > b[0] for a, b in zip(first, first[1:]))  # it comes down step by step ...
+    assert first[0][0] > 1.4 and first[-1][0] < 1.25  # ... from far above C to near it
+    # the crop to the 3×3 support makes one projection approximate (at rank 4 up to ~20 % above its bound)
+    assert all(sigma <= 1.25 * bound for _, sigma, bound in seen)
+    assert result.max_ratio <= 1.01
+
+
+def test_decompose_records_its_source_for_teacher_auto(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import ttcompress.cli.decompose  # noqa: F401
+    from ttcompress.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(archs.build("resnet20").net.state_dict(), tmp_path / "r20.pt")
+    res = CliRunner().invoke(app, ["decompose", "r20.pt", "--arch", "resnet20", "--rank", "4", "-o", "tt.safetensors"])
+    assert res.exit_code == 0, res.output
+    student = ck.load(tmp_path / "tt.safetensors")
+    args = student.meta.history[-1]["args"]
+    assert args["checkpoint"] == str(tmp_path / "r20.pt") and args["arch"] == "resnet20"
+    assert args["checkpoint_sha256"] == file_sha256(tmp_path / "r20.pt")
+    monkeypatch.chdir("/")
+    teacher, path = load_teacher("auto", student)
+    assert path == tmp_path / "r20.pt" and teacher.meta.arch == "resnet20"

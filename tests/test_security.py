@@ -372,3 +372,48 @@ def test_decompression_bomb_image_is_one_line(tmp_path, r20_file):
     Image.new("1", (side, side)).save(folder / "bomb.png", optimize=True)  # a few kB on disk, 33 M pixels
     assert (folder / "bomb.png").stat().st_size < 1_000_000
     one_line_exit_2(run("eval", r20_file, "--data", tmp_path / "imgs"), "refusing to decode")
+
+
+# --- finetune: every file it writes, against every file it reads -------------------------------------------------------
+
+@pytest.fixture
+def ft_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = tmp_path / "m.state.pt"  # named like the side file of the output m.safetensors
+    ck.save(ck.initialize("resnet20"), model)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, train_x=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), train_y=rng.integers(0, 10, 8))
+    return model, data
+
+
+def finetune_args(model, data, out, *extra):
+    import ttcompress.cli.finetune  # noqa: F401
+
+    return ["finetune", model, "--data", data, "--steps", "1", "--batch-size", "8", "--device", "cpu", "-o", out,
+            *extra]
+
+
+def test_finetune_outputs_never_replace_its_inputs(tmp_path, ft_inputs):
+    model, data = ft_inputs
+    before = {p: digest(p) for p in (model, data)}
+    one_line_exit_2(run(*finetune_args(model, data, tmp_path / "m.safetensors")), "state file")  # m.state.pt
+    one_line_exit_2(run(*finetune_args(model, data, data)), "over the input")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 0.01\n")
+    before[recipe] = digest(recipe)
+    one_line_exit_2(run(*finetune_args(model, data, recipe, "--recipe", recipe)), "over the input")
+    teacher = tmp_path / "t.log.csv"  # a teacher named like the output's log
+    teacher.write_bytes(model.read_bytes())
+    before[teacher] = digest(teacher)
+    one_line_exit_2(run(*finetune_args(model, data, tmp_path / "t.safetensors", "--teacher", teacher)), "its log")
+    assert {p: digest(p) for p in before} == before
+    assert run(*finetune_args(model, data, tmp_path / "ok.safetensors")).exit_code == 0
+
+
+def test_finetune_refuses_a_second_writer(tmp_path, ft_inputs):
+    model, data = ft_inputs
+    out = tmp_path / "busy.safetensors"
+    with guard([("-o", out)], inputs=[]):
+        one_line_exit_2(run(*finetune_args(model, data, out)), "another ttcompress run")
+    assert not out.exists()

@@ -118,20 +118,24 @@ def test_recipe_defaults_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(data="x.npz"), "--epochs E or --steps N"),
+    (dict(data="x.npz"), "epochs or steps"),
     (dict(data="x.npz", steps=3, epochs=2), "not both"),
-    (dict(steps=3), "--data"),
-    (dict(data="x.npz", steps=3, optimizer="rmsprop"), "--optimizer"),
-    (dict(data="x.npz", steps=3, schedule="multistep:a,b"), "--schedule"),
-    (dict(data="x.npz", steps=3, clip_to=-1.0), "--clip-to"),
-    (dict(data="x.npz", steps=3, optimizer="adam", nesterov=True), "--nesterov"),
-    (dict(data="x.npz", steps=3, device="tpu"), "--device"),
-    (dict(data="x.npz", steps=3, f4_weight=-1.0), "--f4-weight"),
-    (dict(data="x.npz", steps=3, clip_to=1.0, fastclip_to=1.0), "--fastclip-to and --clip-to"),
-    (dict(data="x.npz", steps=3, divide_to=1.0, fastclip_to=1.0), "--fastclip-to and --divide-to"),
-    (dict(data="x.npz", steps=3, clip_with_bn=True), "--clip-with-bn needs --fastclip-to"),
-    (dict(data="x.npz", steps=3, fastclip_to=0.0), "--fastclip-to"),
-    (dict(data="x.npz", steps=3, fastclip_to=1.0, fastclip_every=0), "--fastclip-every"),
+    (dict(steps=3), "data"),
+    (dict(data="x.npz", steps=3, optimizer="rmsprop"), "optimizer must"),
+    (dict(data="x.npz", steps=3, schedule="multistep:a,b"), "schedule must"),
+    (dict(data="x.npz", steps=3, clip_to=-1.0), "clip_to must"),
+    (dict(data="x.npz", steps=3, optimizer="adam", nesterov=True), "nesterov needs"),
+    (dict(data="x.npz", steps=3, device="tpu"), "device must"),
+    (dict(data="x.npz", steps=3, f4_weight=-1.0), "f4_weight must"),
+    (dict(data="x.npz", steps=3, clip_to=1.0, fastclip_to=1.0), "fastclip_to and clip_to"),
+    (dict(data="x.npz", steps=3, divide_to=1.0, fastclip_to=1.0), "fastclip_to and divide_to"),
+    (dict(data="x.npz", steps=3, clip_with_bn=True), "clip_with_bn needs fastclip_to"),
+    (dict(data="x.npz", steps=3, fastclip_to=0.0), "fastclip_to must"),
+    (dict(data="x.npz", steps=3, fastclip_to=1.0, fastclip_every=0), "fastclip_every must"),
+    (dict(data="x.npz", steps=3, schedule="multistep:nan"), "schedule must"),
+    *[(dict(data="x.npz", steps=3, **{name: value}), f"{name} must be a finite number")
+      for name in ("lr", "momentum", "weight_decay", "orthogonal_k", "f4_weight", "clip_to", "divide_to", "bn_to",
+                   "linear_to", "fastclip_to", "schedule_epochs") for value in (float("nan"), float("inf"))],
 ])
 def test_bad_settings_are_user_errors(kw, message):
     with pytest.raises(UserError, match=message):
@@ -297,7 +301,9 @@ def one_thread():
     dict(clip_to=1.0, divide_to=None, bn_to=None),
     dict(clip_to=None, divide_to=2.0, bn_to=3.0, linear_to=2.0),
     dict(clip_to=None, fastclip_to=1.0, fastclip_every=2, fastclip_rounds=2, clip_with_bn=True),
-], ids=["clip", "divide", "fastclip"])
+    dict(clip_to=1.0, bound_schedule="linear:1", clip_every=1),
+    dict(clip_to=None, divide_to=1.0, bound_schedule="cosine:0.8"),
+], ids=["clip", "divide", "fastclip", "clip-scheduled", "divide-scheduled"])
 def test_resume_gives_the_same_weights(tiny, control, one_thread):
     straight = tiny["dir"] / "straight.safetensors"
     finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, **control), out_path=straight)
@@ -309,9 +315,9 @@ def test_resume_gives_the_same_weights(tiny, control, one_thread):
     state = torch.load(state_path, weights_only=True)  # plain tensors and containers only
     assert state["step"] == 3 and not out.exists()
     if control.get("divide_to"):
-        assert state["controller"]["power"]["vectors"]  # the power-iteration vectors travel with the state
+        assert state["controller"]["methods"]["divide"]["power"]["vectors"]  # the power-iteration vectors travel with the state
     if control.get("fastclip_to"):  # so do FastClip's singular vectors (clipped at step 2)
-        assert set(state["controller"]["fastclip"]) == {"conv1", "conv2", "conv3"}
+        assert set(state["controller"]["methods"]["fastclip"]["vectors"]) == {"conv1", "conv2", "conv3"}
     result = finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, resume=True, **control), out_path=out)
     assert result.resumed_from == 3
 
@@ -348,7 +354,7 @@ def test_output_never_over_the_input(tiny):
 
 
 def test_amp_needs_cuda(tiny):
-    with pytest.raises(UserError, match="--amp needs a CUDA"):
+    with pytest.raises(UserError, match="amp needs a CUDA"):
         finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, amp=True), out_path=tiny["dir"] / "amp.safetensors")
 
 
@@ -405,20 +411,18 @@ def _ddp_worker(rank: int, world: int, port: int, model: str, data: str, out: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from ttcompress import control
+    from ttcompress.train.hooks import Hook
 
     digests: list[float] = []
-    original = control.Controller.after_step
 
-    def recording(self, step):
-        original(self, step)
-        digests.append(sum(float(p.double().sum()) + float(p.double().pow(2).sum()) for p in self.net.parameters()))
+    class Digest(Hook):  # after the built-in hooks, so after this step's control
+        def after_step(self, run, info):
+            digests.append(sum(float(p.double().sum()) + float(p.double().pow(2).sum()) for p in run.net.parameters()))
 
-    control.Controller.after_step = recording  # type: ignore[method-assign]
     # bn_to is small enough to act every step: each rank's running variances differ, only the sync keeps γ equal
     cfg = FinetuneConfig.from_recipe(None, data=data, steps=4, batch_size=8, lr=0.05, clip_to=1.0, clip_every=2,
                                      divide_to=2.0, bn_to=0.5, orthogonal_k=10.0, augment=True, device="cpu")
-    result = finetune(ck.load(model, arch=arch), cfg, out_path=out)
+    result = finetune(ck.load(model, arch=arch), cfg, out_path=out, hooks=[Digest()])
     Path(log_dir, f"rank{rank}.json").write_text(json.dumps({"digests": digests, "world": result.world_size}))
 
 
@@ -480,3 +484,130 @@ def test_kill_9_and_resume_from_the_command_line(tiny):
     a, b = tensors(straight), tensors(out)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+# --- hostile state files, non-finite weights, the previous run's files ----------------------------------------------
+
+@pytest.fixture
+def crashed(tiny):
+    """A run stopped after step 3 of 6: its state file, log and output path."""
+    out = tiny["dir"] / "crashed.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny), out_path=out, progress=CrashAt(4))
+    return {"out": out, **run_paths(out)}
+
+
+def _other_model_weights(state):
+    state["model"] = {k + ".x": v for k, v in state["model"].items()}
+
+
+def _wrong_shape(state):
+    state["model"]["conv1.weight"] = torch.zeros(2, 2, 1, 1)
+
+
+@pytest.mark.parametrize("spoil,message", [
+    (lambda s: s.pop("optimizer"), "optimizer missing"),
+    (lambda s: s.update(step="3"), "step missing or of the wrong type"),
+    (lambda s: s.update(step=-1), "outside this run's 0..6"),
+    (lambda s: s.update(step=7), "outside this run's 0..6"),
+    (lambda s: s.update(rng={"torch": torch.zeros(5, dtype=torch.uint8)}), "does not fit this run"),
+    (lambda s: s.update(rng={"torch": torch.zeros(5)}), "rng state"),
+    (lambda s: s.update(model=[1, 2]), "model missing or of the wrong type"),
+    (_other_model_weights, "weights of another model"),
+    (_wrong_shape, "weights of another model"),
+    (lambda s: s["optimizer"].update(param_groups=[]), "does not fit this run"),
+    (lambda s: s["controller"].update(methods={"clip": 5}), "does not fit this run"),
+    (lambda s: s.update(timings={"training": float("nan")}), "timings"),
+    (lambda s: s.update(format=1), "wrong format"),  # format 1 kept the control state in another layout
+], ids=["no-optimizer", "step-str", "step-negative", "step-past-end", "rng-short", "rng-float", "model-list",
+        "other-model", "wrong-shape", "optimizer-groups", "controller", "timings-nan", "format"])
+def test_bad_state_files_are_refused_in_one_line_and_never_resumed(tiny, crashed, spoil, message):
+    state = torch.load(crashed["state"], weights_only=True)
+    spoil(state)
+    torch.save(state, crashed["state"])
+    kept = {p: p.read_bytes() for p in (crashed["state"], crashed["log"])}
+    with pytest.raises(UserError, match=message):
+        finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, resume=True), out_path=crashed["out"])
+    assert {p: p.read_bytes() for p in kept} == kept and not crashed["out"].exists()
+
+
+def test_a_garbage_state_file_through_the_cli(tiny, crashed):
+    import ttcompress.cli.finetune  # noqa: F401
+    from ttcompress.cli import app
+
+    crashed["state"].write_bytes(b"\x80\x04not a zip file")
+    log = crashed["log"].read_bytes()
+    args = ["finetune", str(tiny["model"]), "--arch", tiny["arch"], "--data", str(tiny["data"]), "--steps", "6",
+            "--batch-size", "16", "--device", "cpu", "--resume", "-o", str(crashed["out"])]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "cannot read the state file" in res.output and "Traceback" not in res.output
+    assert crashed["log"].read_bytes() == log
+    bad = CliRunner().invoke(app, args[:-3] + ["--lr", "nan", "-o", str(crashed["out"])])  # a bad flag: same
+    assert bad.exit_code == 2 and "--lr must be a finite number" in bad.output
+    assert crashed["log"].read_bytes() == log
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny):
+    import ttcompress.cli.finetune  # noqa: F401
+    from ttcompress.cli import app
+
+    loaded = ck.load(tiny["model"], arch=tiny["arch"])
+    with torch.no_grad():
+        loaded.net.conv2.core.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(UserError, match=r"conv2\.core\.weight is not finite"):
+        finetune(loaded, config(tiny), out_path=tiny["dir"] / "inf.safetensors")
+    with torch.no_grad():
+        loaded.net.conv2.core.weight[0, 0, 0, 0] = float("nan")
+    bad = ck.save(loaded, tiny["dir"] / "nan-in.safetensors")
+    res = CliRunner().invoke(app, ["finetune", str(bad), "--arch", tiny["arch"], "--data", str(tiny["data"]),
+                                   "--steps", "2", "--device", "cpu", "-o", str(tiny["dir"] / "nan-out.safetensors")])
+    assert res.exit_code == 2 and "conv2.core.weight is not finite" in res.output and "Traceback" not in res.output
+
+
+# --- the library call: any module, any batches, an extra loss term, no files ----------------------------------------
+
+def test_a_plain_module_on_plain_batches_with_an_extra_loss_and_no_files(tiny):
+    from ttcompress.train.hooks import Hook
+
+    net = ck.load(tiny["model"], arch=tiny["arch"]).net
+    torch.manual_seed(0)
+    batches = [(torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))) for _ in range(3)]
+    seen, calls = [], []
+
+    def extra(model, images, labels, logits):
+        calls.append((model is net, images.shape, labels.shape, logits.shape))
+        return logits.pow(2).mean()
+
+    class Record(Hook):
+        def after_step(self, run, info):
+            seen.append((info.step, info.loss, dict(info.metrics)))
+
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = FinetuneConfig(steps=4, lr=0.05, clip_to=1.0, clip_every=2, orthogonal_k=10.0, device="cpu",
+                         bn_recalibrate=1)  # no data setting: the batches are given
+    files = set(tiny["dir"].iterdir())
+    result = finetune(net, cfg, data=batches, extra_loss=extra, hooks=[Record()])
+    assert set(tiny["dir"].iterdir()) == files and result.out_path is None and result.log_path is None
+    assert result.model is net and result.steps_per_epoch == 3 and result.test_accuracy is None
+    assert calls == [(True, (8, 3, 8, 8), (8,), (8, 3))] * 4
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4]
+    for _, loss, m in seen:  # the extra term is part of the loss and logged
+        assert loss == pytest.approx(m["ce"] + 10.0 * m["ortho"] + m["extra"], rel=1e-5) and m["extra"] > 0
+    assert any(not torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert result.max_ratio <= 1.01
+    with pytest.raises(UserError, match="needs the model's metadata"):
+        finetune(net, cfg, data=batches, out_path=tiny["dir"] / "x.safetensors")
+    with pytest.raises(UserError, match="in steps"):
+        finetune(net, FinetuneConfig(epochs=1, device="cpu"), data=(b for b in batches))
+
+
+def test_an_extra_loss_term_is_a_column_of_the_log(tiny):
+    out = tiny["dir"] / "extra.safetensors"
+    finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, steps=2, clip_to=None, bn_recalibrate=0), out_path=out,
+             extra_loss=lambda model, x, y, logits: 0.25 * logits.pow(2).mean())
+    rows = read_log(run_paths(out)["log"])
+    assert list(rows[0]) == ["step", "epoch", "loss", "ce", "ortho", "f4", "extra", "train_acc", "lr", "seconds"]
+    for r in rows:
+        assert float(r["extra"]) > 0
+        assert float(r["loss"]) == pytest.approx(float(r["ce"]) + 10.0 * float(r["ortho"]) + float(r["extra"]),
+                                                 rel=1e-4)

@@ -12,6 +12,7 @@ Write: ``.safetensors`` with one metadata entry ``ttcompress`` holding JSON (:cl
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -443,6 +444,22 @@ def initialize(
 
 
 # --- writing ------------------------------------------------------------------------------------------------------
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_args(path: str | os.PathLike, arch: str | None) -> dict[str, Any]:
+    """What a history entry records of the checkpoint a model came from: its absolute path, its SHA-256 (so that
+    ``finetune --teacher auto`` can find it again and refuse it when it changed) and the ``--arch`` it was read
+    with."""
+    p = Path(path)
+    return {"checkpoint": str(p.absolute()), "checkpoint_sha256": file_sha256(p), "arch": arch}
+
 
 def history_entry(command: str, **args: Any) -> dict:
     from ttcompress import __version__

@@ -127,7 +127,7 @@ def _run_demo(settings: DemoSettings, paths: dict[str, Path], progress: Progress
     original = ck.load(model_path, arch=arch)
     tt_model = copy.deepcopy(original)
     report = decompose(tt_model.net, rank=rank)
-    ck.save(tt_model, paths["decomposed"], ck.history_entry("decompose", checkpoint=str(model_path), rank=rank))
+    ck.save(tt_model, paths["decomposed"], ck.history_entry("decompose", **ck.source_args(model_path, arch), rank=rank))
     timings["decompose"] = time.perf_counter() - t
     say(f"decompose at rank {rank}: {report.params_before:,} → {report.params_after:,} parameters "
         f"(×{report.compression:.2f})")

@@ -11,8 +11,6 @@ in the student's history, and a file that changed since is refused.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,17 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttcompress import checkpoint as ck
+from ttcompress.checkpoint import file_sha256
 from ttcompress.errors import UserError
 
 AUTO = "auto"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

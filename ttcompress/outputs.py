@@ -151,12 +151,14 @@ def guard(
     files: Iterable[tuple[str, PathLike | None]] = (),
     inputs: Iterable[PathLike | None] = (),
     folders: Iterable[tuple[str, PathLike | None, Iterable[str]]] = (),
+    lock: bool = True,
 ) -> Iterator[Outputs]:
     """Check every output against every input before any work, and hold a lock on each output while inside.
 
     ``files``: ``(flag, path)`` for each file the command will write (``None`` = not asked for).  ``folders``:
     ``(flag, folder, names)`` for an output folder and the file names the command will write into it (each checked
     like a file); a folder name that exists must be a directory.  ``inputs``: every path the command reads.
+    ``lock`` False: check only (a data-parallel rank that writes nothing).
     """
     ins = [_Input.of(p) for p in inputs if p is not None]
     outputs = Outputs()
@@ -183,11 +185,12 @@ def guard(
         seen[loc] = flag
         _check_output(path, ins, flag)
     try:
-        for folder in outputs.folders:
+        for folder in outputs.folders if lock else ():
             _check_folder(folder, "the output folder")
         for flag, path in planned:
-            _check_folder(_location(path).parent, flag)
-            _take_lock(path, outputs, flag)
+            if lock:
+                _check_folder(_location(path).parent, flag)
+                _take_lock(path, outputs, flag)
             outputs.files.append(path)
         yield outputs
     finally:

@@ -40,8 +40,8 @@ def decompose(
     with guard([("-o", out)], inputs=[checkpoint, arch_file(arch)]):
         loaded = load_model(checkpoint, arch, mean, std, trust_pickle)
         report = tt_decompose(loaded.net, rank=rank, energy=energy, skip=skip)
-        ck.save(loaded, out, ck.history_entry("decompose", checkpoint=str(checkpoint), rank=rank, energy=energy,
-                                              skip=list(skip)))
+        ck.save(loaded, out, ck.history_entry("decompose", **ck.source_args(checkpoint, arch), rank=rank,
+                                              energy=energy, skip=list(skip)))
     if as_json:
         print_json(report.to_json())
         return

@@ -12,6 +12,8 @@ import typer
 from ttcompress.cli import app, handles_errors
 from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, arch_file, load_model
 from ttcompress.errors import UserError
+from ttcompress.evaluate import METRICS
+from ttcompress.metrics import ATTACK_NORMS, ATTACK_VERSIONS
 from ttcompress.outputs import guard
 
 
@@ -71,8 +73,7 @@ def render_eval(result: dict, title: str) -> None:
 def eval_command(
     checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint to evaluate."),
     data: str = typer.Option(..., "--data", help="cifar10, cifar100, a .npz file or an ImageFolder directory."),
-    metrics: str = typer.Option("accuracy,ece", "--metrics",
-                                help="Comma-separated: accuracy, ece, cifar-c, autoattack, lipschitz, certified."),
+    metrics: str = typer.Option("accuracy,ece", "--metrics", help="Comma-separated: " + ", ".join(METRICS) + "."),
     split: str = typer.Option("test", "--split", help="Split to evaluate: test or train."),
     n: Optional[int] = typer.Option(None, "--n", help="Evaluate the first N images (default: all)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Batch size."),
@@ -83,9 +84,10 @@ def eval_command(
     severities: str = typer.Option("1,2,3,4,5", "--severities", help="CIFAR-C severities, e.g. 1,3,5."),
     corruptions: Optional[str] = typer.Option(None, "--corruptions", help="CIFAR-C corruption names, "
                                               "comma-separated (default: all present / all 19)."),
-    norm: str = typer.Option("Linf", "--norm", help="AutoAttack norm: Linf or L2."),
+    norm: str = typer.Option("Linf", "--norm", help="AutoAttack norm: " + ", ".join(ATTACK_NORMS) + "."),
     eps: str = typer.Option("8/255", "--eps", help="AutoAttack radius, e.g. 8/255 or 0.5."),
-    attack_version: str = typer.Option("standard", "--attack-version", help="AutoAttack version: standard|custom."),
+    attack_version: str = typer.Option("standard", "--attack-version", help="AutoAttack version: "
+                                       + "|".join(ATTACK_VERSIONS) + "."),
     radius: float = typer.Option(0.5, "--radius", help="L2 radius of the FGSM step for the Lipschitz estimate."),
     cert_radius: str = typer.Option("36/255", "--cert-radius", help="L2 radius of the certified robust accuracy "
                                     "(--metrics certified; LipConvNet / SOC networks), e.g. 36/255 or 0.5."),
@@ -105,10 +107,10 @@ def eval_command(
     """
     from ttcompress.evaluate import REPORT_FILES
 
-    if norm not in ("Linf", "L2"):
-        raise UserError(f"--norm must be Linf or L2, got {norm!r}")
-    if attack_version not in ("standard", "custom"):
-        raise UserError(f"--attack-version must be standard or custom, got {attack_version!r}")
+    if norm not in ATTACK_NORMS:
+        raise UserError(f"--norm must be one of {', '.join(ATTACK_NORMS)}, got {norm!r}")
+    if attack_version not in ATTACK_VERSIONS:
+        raise UserError(f"--attack-version must be one of {', '.join(ATTACK_VERSIONS)}, got {attack_version!r}")
     if not radius > 0 or not math.isfinite(radius):
         raise UserError(f"--radius must be a positive finite number, got {radius}")
     eps_value = parse_eps(eps)

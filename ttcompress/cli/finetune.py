@@ -1,4 +1,5 @@
-"""`ttcompress finetune`."""
+"""`ttcompress finetune`: one flag per setting of :class:`ttcompress.train.config.FinetuneConfig` (same name,
+its default shown), parsed here and passed on; errors name the flags."""
 
 from __future__ import annotations
 
@@ -9,73 +10,101 @@ import typer
 
 from ttcompress.cli import app, handles_errors
 from ttcompress.cli.common import ArchOpt, JsonOpt
+from ttcompress.train.config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, DEVICES, OPTIMIZERS, FinetuneConfig
 
+
+def flag(name: str) -> str:
+    """The flag of setting ``name``: ``clip_to`` → ``--clip-to``."""
+    return "--" + name.replace("_", "-")
+
+
+def _default(name: str) -> str | None:
+    """What the help shows as the default of setting ``name`` (from the configuration; None: not set)."""
+    value = FinetuneConfig.__dataclass_fields__[name].default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return None if value is None else str(value)
+
+
+def _opt(name: str, help: str, *, toggle: bool = False):
+    """The option of setting ``name``: unset (None) unless given, so that a recipe's value stands."""
+    decls = [f"{flag(name)}/--no-{name.replace('_', '-')}"] if toggle else [flag(name)]
+    shown = _default(name)
+    return typer.Option(None, *decls, help=help + (f" [default: {shown}]" if shown else ""), show_default=False)
+
+
+_AUTO_LR = ", ".join(f"{v:g} {k}" for k, v in DEFAULT_LR.items())
+_AUTO_WD = ", ".join(f"{v:g} {k}" for k, v in DEFAULT_WEIGHT_DECAY.items())
 
 @app.command()
 @handles_errors
 def finetune(
     checkpoint: Path = typer.Argument(..., help="Model to train (.safetensors from ttcompress, or any with --arch)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output .safetensors file (state, log beside it)."),
-    data: Optional[str] = typer.Option(None, "--data", help="cifar10, cifar100, a .npz file (train_x/train_y "
-                                       "[+ test_x/test_y] or x/y) or an image folder (train/ test/ or classes)."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder of the torchvision data sets "
-                                            "(default ~/.cache/ttcompress/data; downloads when it can)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="YAML file of defaults (e.g. recipes/NAME.yaml or "
-                                         "NAME); flags given here override it."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Run length in epochs (or --steps)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Run length in optimizer steps (or --epochs)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size per process. [default: 128]"),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd or adam. [default: sgd]"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate. [default: 0.01 sgd, 1e-4 adam]"),
-    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum. [default: 0.9]"),
-    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (SGD). "
-                                            "[default: off]", show_default=False),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="L2 weight decay. "
-                                                 "[default: 1e-4 sgd, 0 adam]"),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="constant, cosine or multistep:M1,M2,...[:GAMMA] "
-                                           "(milestones in epochs; a --steps run places them at the same fraction "
-                                           "of the run). [default: cosine]"),
-    orthogonal_k: Optional[float] = typer.Option(None, "--orthogonal-k", help="Weight K of the orthogonal loss on "
-                                                 "TT frames (paper: 1e5). [default: 0]"),
-    f4_weight: Optional[float] = typer.Option(None, "--f4-weight", help="Weight W of the regulariser W·Σ F4 bound "
-                                              "(Singla & Feizi's differentiable bound on each conv's σmax). "
-                                              "[default: 0]"),
-    clip_to: Optional[float] = typer.Option(None, "--clip-to", help="Clip every conv's exact singular values at C "
-                                            "(TT layers: their core after QR)."),
-    clip_every: Optional[int] = typer.Option(None, "--clip-every", help="Clip every N steps. [default: 100]"),
-    divide_to: Optional[float] = typer.Option(None, "--divide-to", help="After every step divide each conv by "
-                                              "max(1, σ̂/D), σ̂ by power iteration (Gouk et al.)."),
-    bn_to: Optional[float] = typer.Option(None, "--bn-to", help="BatchNorm limit: γ ← γ / max(1, max|γ/√(var+ε)|/X)."),
-    linear_to: Optional[float] = typer.Option(None, "--linear-to", help="Limit the linear layers' σmax to Y (divided "
-                                              "with --divide-to, else clipped)."),
-    power_iters: Optional[int] = typer.Option(None, "--power-iters", help="Power iterations per step for "
-                                              "--divide-to. [default: 1]"),
-    fastclip_to: Optional[float] = typer.Option(None, "--fastclip-to", help="FastClip (Boroojeny et al. 2024): bring "
-                                                "each conv's top singular values as it runs (zero padding, stride) "
-                                                "to C through its singular vectors. Instead of --clip-to/--divide-to."),
-    fastclip_every: Optional[int] = typer.Option(None, "--fastclip-every", help="FastClip every N steps. "
-                                                 "[default: 100]"),
-    fastclip_k: Optional[int] = typer.Option(None, "--fastclip-k", help="Singular values FastClip moves at once. "
-                                             "[default: 1]"),
-    fastclip_rounds: Optional[int] = typer.Option(None, "--fastclip-rounds", help="FastClip rounds per layer and "
-                                                  "call, and in the final verification before rescaling. "
-                                                  "[default: 10]"),
-    clip_with_bn: bool = typer.Option(False, "--clip-with-bn", help="With --fastclip-to: clip the composition of each "
-                                      "conv with the BatchNorm that consumes its output (eval mode)."),
-    bn_recalibrate: Optional[int] = typer.Option(None, "--bn-recalibrate", help="Training batches to re-estimate "
-                                                 "BatchNorm statistics after the final projection (0: off). "
-                                                 "[default: 20]"),
-    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Random crop (4-pixel padding) and "
-                                           "flip. [default: on for 32×32 images]", show_default=False),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N. [default: auto]"),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="float16 mixed precision (CUDA only). "
-                                       "[default: off]", show_default=False),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data order, augmentation and power "
-                                       "iteration. [default: 0]"),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Write the resumable state OUT.state.pt "
-                                             "every N steps. [default: 500]"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT.state.pt (same command, after a crash)."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT.tb/."),
+    data: Optional[str] = _opt("data", "cifar10, cifar100, a .npz file (train_x/train_y [+ test_x/test_y] or x/y) "
+                               "or an image folder (train/ test/ or classes)."),
+    data_root: Optional[str] = _opt("data_root", "Folder of the torchvision data sets (default "
+                                    "~/.cache/ttcompress/data; downloads when it can)."),
+    recipe: Optional[str] = _opt("recipe", "YAML file of defaults (e.g. recipes/NAME.yaml or NAME); flags given "
+                                 "here override it."),
+    epochs: Optional[int] = _opt("epochs", "Run length in epochs (or --steps)."),
+    steps: Optional[int] = _opt("steps", "Run length in optimizer steps (or --epochs)."),
+    batch_size: Optional[int] = _opt("batch_size", "Batch size per process."),
+    optimizer: Optional[str] = _opt("optimizer", " or ".join(OPTIMIZERS) + "."),
+    lr: Optional[float] = _opt("lr", f"Learning rate. [default: {_AUTO_LR}]"),
+    momentum: Optional[float] = _opt("momentum", "SGD momentum."),
+    nesterov: Optional[bool] = _opt("nesterov", "Nesterov momentum (SGD).", toggle=True),
+    weight_decay: Optional[float] = _opt("weight_decay", f"L2 weight decay. [default: {_AUTO_WD}]"),
+    schedule: Optional[str] = _opt("schedule", "constant, cosine or multistep:M1,M2,...[:GAMMA] (milestones in "
+                                   "epochs; a --steps run places them at the same fraction of the run)."),
+    schedule_epochs: Optional[float] = _opt("schedule_epochs", "The epoch count multistep milestones refer to "
+                                            "(default: the run's; set when --steps replaces a recipe's epochs)."),
+    orthogonal_k: Optional[float] = _opt("orthogonal_k", "Weight K of the orthogonal loss on TT frames (paper: "
+                                         "1e5)."),
+    f4_weight: Optional[float] = _opt("f4_weight", "Weight W of the regulariser W·Σ F4 bound (Singla & Feizi's "
+                                      "differentiable bound on each conv's σmax)."),
+    clip_to: Optional[float] = _opt("clip_to", "Clip every conv's exact singular values at C (TT layers: their "
+                                    "core after QR)."),
+    clip_every: Optional[int] = _opt("clip_every", "Clip every N steps."),
+    divide_to: Optional[float] = _opt("divide_to", "After every step divide each conv by max(1, σ̂/D), σ̂ by power "
+                                      "iteration (Gouk et al.)."),
+    bn_to: Optional[float] = _opt("bn_to", "BatchNorm limit: γ ← γ / max(1, max|γ/√(var+ε)|/X)."),
+    linear_to: Optional[float] = _opt("linear_to", "Limit the linear layers' σmax to Y (divided with "
+                                      "--divide-to, else clipped)."),
+    power_iters: Optional[int] = _opt("power_iters", "Power iterations per step for --divide-to."),
+    fastclip_to: Optional[float] = _opt("fastclip_to", "FastClip (Boroojeny et al. 2024): bring each conv's top "
+                                        "singular values as it runs (its padding, stride) to C through its "
+                                        "singular vectors. Instead of --clip-to/--divide-to."),
+    fastclip_every: Optional[int] = _opt("fastclip_every", "FastClip every N steps."),
+    fastclip_k: Optional[int] = _opt("fastclip_k", "Singular values FastClip moves at once."),
+    fastclip_rounds: Optional[int] = _opt("fastclip_rounds", "FastClip rounds per layer and call, and in the final "
+                                          "verification before rescaling."),
+    clip_with_bn: Optional[bool] = _opt("clip_with_bn", "With --fastclip-to: clip the composition of each conv "
+                                        "with the BatchNorm that consumes its output (eval mode)."),
+    bound_schedule: Optional[str] = _opt("bound_schedule", "Reach the --clip-to/--divide-to/--fastclip-to bound "
+                                         "gradually: linear:F or cosine:F lowers each conv's bound from its own "
+                                         "starting σmax over the first fraction F of the run (the saved model still "
+                                         "meets the bound exactly)."),
+    teacher: Optional[str] = _opt("teacher", "Distil from this checkpoint (the teacher runs in eval mode on the same "
+                                  "batches); auto: the checkpoint this file was decomposed from, refused if it "
+                                  "changed since."),
+    teacher_arch: Optional[str] = _opt("teacher_arch", "Architecture of a foreign --teacher checkpoint (as --arch)."),
+    kd_alpha: Optional[float] = _opt("kd_alpha", "Weight of the distillation term T²·KL(teacher ‖ student), added "
+                                     "to the cross-entropy."),
+    kd_temperature: Optional[float] = _opt("kd_temperature", "Softmax temperature T of the distillation term."),
+    final_reprojections: Optional[int] = _opt("final_reprojections", "Final verification: exact re-projections of "
+                                              "a conv above its bound before it is rescaled (0: rescale at once, "
+                                              "which the BatchNorm recalibration absorbs for convs that feed one)."),
+    bn_recalibrate: Optional[int] = _opt("bn_recalibrate", "Training batches to re-estimate BatchNorm statistics "
+                                         "after the final projection (0: off)."),
+    augment: Optional[bool] = _opt("augment", "Random crop (4-pixel padding) and flip. [default: on for 32×32 "
+                                   "images]", toggle=True),
+    device: Optional[str] = _opt("device", ", ".join(DEVICES[:-1]) + " or " + DEVICES[-1] + "."),
+    amp: Optional[bool] = _opt("amp", "float16 mixed precision (CUDA only).", toggle=True),
+    seed: Optional[int] = _opt("seed", "Seed of data order, augmentation and power iteration."),
+    save_every: Optional[int] = _opt("save_every", "Write the resumable state OUT.state.pt every N steps."),
+    resume: Optional[bool] = _opt("resume", "Continue from OUT.state.pt (same command, after a crash)."),
+    tensorboard: Optional[bool] = _opt("tensorboard", "Also write TensorBoard events to OUT.tb/."),
     arch: Optional[str] = ArchOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -88,25 +117,20 @@ def finetune(
 
     Example: ttcompress finetune r20-tt.safetensors --data cifar10 --steps 2000 --fastclip-to 1 --clip-with-bn -o r20-fc.safetensors
     """
-    from ttcompress import checkpoint as ck
+    settings = {k: v for k, v in locals().items() if k in FinetuneConfig.__dataclass_fields__}
     from ttcompress.cli.common import load_model
-    from ttcompress.train import FinetuneConfig
+    from ttcompress.errors import TTCompressError
     from ttcompress.train import finetune as run_finetune
     from ttcompress.ui import RichProgress, err_console, out_console, print_json, table
 
-    config = FinetuneConfig.from_recipe(
-        recipe, data=data, data_root=data_root, arch=arch, epochs=epochs, steps=steps, batch_size=batch_size,
-        optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-        schedule=schedule, orthogonal_k=orthogonal_k, f4_weight=f4_weight, clip_to=clip_to, clip_every=clip_every,
-        divide_to=divide_to, bn_to=bn_to, linear_to=linear_to, power_iters=power_iters, fastclip_to=fastclip_to,
-        fastclip_every=fastclip_every, fastclip_k=fastclip_k, fastclip_rounds=fastclip_rounds,
-        clip_with_bn=clip_with_bn or None, bn_recalibrate=bn_recalibrate,
-        augment=augment, device=device, amp=amp,
-        seed=seed, save_every=save_every, resume=resume or None, tensorboard=tensorboard or None,
-    )
-    out = ck.check_output_path(out, checkpoint)
-    loaded = load_model(checkpoint, config.arch, None, None, False)
-    result = run_finetune(loaded, config, out_path=out, progress=RichProgress())
+    try:
+        config = FinetuneConfig.from_recipe(settings.pop("recipe"), **settings)
+        loaded = load_model(checkpoint, config.arch, None, None, False)
+        result = run_finetune(loaded, config, out_path=out, progress=RichProgress())
+    except TTCompressError as exc:
+        if not exc.settings:
+            raise
+        raise type(exc)(exc.render(flag)) from None
     if result.world_size > 1 and result.log_path is None:
         return  # not rank 0: rank 0 reports
     if as_json:
@@ -124,7 +148,8 @@ def finetune(
         ["test accuracy before → after" + (f" ({result.test_images} images)" if result.test_images else ""),
          f"{pct(result.test_accuracy_before)} → {pct(result.test_accuracy)}"],
         ["time: training / control", f"{result.time_training:.1f} s / {result.time_control:.1f} s "
-         f"({100 * result.control_share:.1f}% control)"],
+         f"({100 * result.control_share:.1f}% control)"
+         + (f"; teacher {result.time_teacher:.1f} s of the training" if result.time_teacher else "")],
         ["time: verification / BN recalibration / evaluation",
          f"{result.time_verify:.1f} s / {result.time_bn_recalibrate:.1f} s / {result.time_eval:.1f} s"],
         ["device", result.device + (f" ×{result.world_size}" if result.world_size > 1 else "")

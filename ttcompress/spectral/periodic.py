@@ -502,22 +502,57 @@ class _Spectrum:
         return self.sigma
 
 
-def _frequency_singular_values(
-    taps: torch.Tensor, layout: PolyphaseLayout, freqs: torch.Tensor, dtype: torch.dtype, chunk: int | None
-) -> torch.Tensor:
-    """``(F, min(Cout, Cin·s²))`` singular values (ascending, float64) of ``P̂(f)`` for the given frequencies."""
-    full = min(taps.shape[1], taps.shape[2])
-    used = layout.used_channels(taps.shape[2] // layout.phases)
-    if used is not None:
-        taps = taps[:, :, used.to(taps.device)]
-    side, _ = _side(taps)
-    workers = workers_for(taps.device)
-    reps, inverse = frequency_classes(freqs, layout.positions, layout.grid)
-    source = _GramSource(side, layout, len(reps), workers, interpolate=dtype != torch.float64)
-    sigma = _Spectrum(source, freqs[reps], dtype, chunk, workers).compute()[inverse]
-    if sigma.shape[1] < full:  # unused phases: zero columns of P̂
-        sigma = torch.cat([sigma.new_zeros(len(sigma), full - sigma.shape[1]), sigma], 1)
-    return sigma
+@dataclass
+class _Problem:
+    """The polyphase set-up the spectra and the clip share: the layout, the taps of every phase and of the used
+    input phases with the smaller side first (``side``, :func:`_side`), the half grid of frequencies with their
+    weights, the classes of frequencies with the same Gram and the Gram source."""
+
+    layout: PolyphaseLayout
+    taps: torch.Tensor  # (T, Cout, Cin·s²), every phase
+    used: torch.Tensor | None  # the input phases that are used (None: all)
+    side: torch.Tensor  # (T, c, k), c ≤ k
+    transposed: bool
+    freqs: torch.Tensor  # the half grid
+    weight: torch.Tensor  # how many frequencies of the full grid each one stands for
+    reps: torch.Tensor  # one frequency per class ...
+    inverse: torch.Tensor  # ... and each frequency's class
+    source: _GramSource
+    workers: int
+
+    @classmethod
+    def of(cls, kernel: torch.Tensor, input_size: Pair, geometry: Geometry, dtype: torch.dtype,
+           taps_dtype: torch.dtype | None = None) -> _Problem:
+        """The set-up for ``dtype`` (float32: complex64 Grams, interpolated), with the taps in ``taps_dtype``
+        (default ``dtype``)."""
+        layout, taps = _layout_and_taps(kernel, input_size, geometry, dtype)
+        if taps_dtype is not None:
+            taps = taps.to(taps_dtype)
+        used = layout.used_channels(taps.shape[2] // layout.phases)
+        if used is not None:
+            used = used.to(taps.device)
+        side, transposed = _side(taps if used is None else taps[:, :, used])
+        grid = HalfGrid.of(layout.grid)
+        freqs = grid.freqs.to(taps.device)
+        workers = workers_for(taps.device)
+        reps, inverse = frequency_classes(freqs, layout.positions, layout.grid)
+        source = _GramSource(side, layout, len(reps), workers, interpolate=dtype != torch.float64)
+        return cls(layout, taps, used, side, transposed, freqs, grid.weight, reps, inverse, source, workers)
+
+    def frequency_singular_values(self, dtype: torch.dtype, chunk: int | None) -> torch.Tensor:
+        """``(F, min(Cout, Cin·s²))`` singular values (ascending, float64) of ``P̂(f)`` over the half grid."""
+        full = min(self.taps.shape[1], self.taps.shape[2])
+        sigma = _Spectrum(self.source, self.freqs[self.reps], dtype, chunk, self.workers).compute()[self.inverse]
+        if sigma.shape[1] < full:  # unused phases: zero columns of P̂
+            sigma = torch.cat([sigma.new_zeros(len(sigma), full - sigma.shape[1]), sigma], 1)
+        return sigma
+
+    def taps_with(self, side: torch.Tensor) -> torch.Tensor:
+        """Every phase's taps, with ``side`` (the shape of :attr:`side`) in place of the used phases'."""
+        new = side.transpose(1, 2) if self.transposed else side
+        if self.used is not None:
+            new = self.taps.index_copy(2, self.used, new.contiguous())
+        return new.contiguous()
 
 
 def singular_values(
@@ -535,10 +570,9 @@ def singular_values(
     2e-11·σmax.  ``chunk`` is the number of frequencies per batched eigensolver call (default: sized by
     ``DEFAULT_CHUNK_BYTES``).
     """
-    layout, taps = _layout_and_taps(kernel, input_size, geometry, dtype)
-    grid = HalfGrid.of(layout.grid)
-    sigma = _frequency_singular_values(taps, layout, grid.freqs.to(taps.device), dtype, chunk)
-    values = sigma.repeat_interleave(grid.weight.to(sigma.device), dim=0).flatten()
+    problem = _Problem.of(kernel, input_size, geometry, dtype)
+    sigma = problem.frequency_singular_values(dtype, chunk)
+    values = sigma.repeat_interleave(problem.weight.to(sigma.device), dim=0).flatten()
     return torch.sort(values, descending=True).values.to(dtype)
 
 
@@ -593,121 +627,144 @@ def clip(
     """
     if bound <= 0:
         raise ValueError(f"clip bound must be positive, got {bound}")
-    layout, full_taps = _layout_and_taps(kernel, input_size, geometry, dtype)
-    full_taps = full_taps.double()
-    used = layout.used_channels(full_taps.shape[2] // layout.phases)
-    if used is not None:
-        used = used.to(full_taps.device)
-    taps = full_taps if used is None else full_taps[:, :, used]
-    side, transposed = _side(taps)
-    ctype = _complex_dtype(dtype)
-    grid = HalfGrid.of(layout.grid)
-    device = taps.device
-    freqs = grid.freqs.to(device)
-    weight = grid.weight.to(device, torch.float64)
-    positions = layout.positions.to(device)
-    workers = workers_for(device)
-    reps, inverse = frequency_classes(freqs, layout.positions, layout.grid)
-    source = _GramSource(side, layout, len(reps), workers, interpolate=dtype != torch.float64)
-    c, k = source.c, source.k
-    threshold = bound * bound * (1 - 1e-4)  # margin of the eigenvalue pass, far above its error
-    prefilter = [True]
-
-    def decompose(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Eigenpairs above the bound of a chunk of Grams: ``u`` (F_c, c, count) and ``shrink = 1 − bound/σ``."""
-        lam, u = torch.linalg.eigh(g)
-        shrink = (1 - bound / lam.clamp(min=0).sqrt()).clamp(min=0)  # σ = 0 gives −inf → 0
-        count = int((shrink > 0).sum(-1).max()) if len(shrink) else 0
-        if count == 0:
-            return None
-        return u[..., -count:], shrink[..., -count:]
-
     if accumulate not in ("auto", "frequency", "offsets"):
         raise ValueError(f"accumulate must be 'auto', 'frequency' or 'offsets', got {accumulate!r}")
-    pairs = _tap_offsets(layout.positions.tolist(), layout.grid)
-    keys = sorted({key for key, _ in pairs.values()})
-    offsets = torch.tensor(keys, dtype=torch.long, device=device).reshape(-1, 2)
+    problem = _Problem.of(kernel, input_size, geometry, dtype, taps_dtype=torch.float64)
+    ctype = _complex_dtype(dtype)
+    change = _Change(problem, ctype, accumulate)
+    work = _ClipPass(problem, change, bound, ctype)
+    c, k = problem.source.c, problem.source.k
+    per_freq = 16 * (4 * c * c + 5 * c * k)
+    workers = _job_workers(len(problem.freqs), per_freq, problem.workers)
+    pmap(work, _chunk_spans(len(problem.freqs), chunk, per_freq, workers), workers)
+    grid = problem.layout.grid
+    new_side = problem.side - (change.total() / (grid[0] * grid[1])).reshape(problem.side.shape)
+    out = from_polyphase(problem.taps_with(new_side), problem.layout, (kernel.shape[2], kernel.shape[3]))
+    return out.to(kernel.dtype)
 
-    totals: dict[str, list[torch.Tensor]] = {"frequency": [], "offsets": []}  # per form, one per worker thread
-    local, lock = threading.local(), threading.Lock()
 
-    def add_transform(form: str, fr: torch.Tensor, w: torch.Tensor, at: torch.Tensor, values: torch.Tensor) -> None:
-        """Add ``Σ_f w_f Re(values(f) e^{+iθ(f, p)})`` for each grid position ``p`` of ``at`` to this thread's
-        ``(len(at), ·)`` float64 accumulator of ``form``."""
-        theta = _phases(fr, at, layout.grid, torch.float64)
-        cos, sin = (w.unsqueeze(1) * torch.cos(theta)).T, (w.unsqueeze(1) * torch.sin(theta)).T  # (·, F_c)
-        flat = values.reshape(len(fr), -1)
-        mine = getattr(local, "totals", None)
-        if mine is None:
-            mine = local.totals = {}
-        if form not in mine:
-            mine[form] = torch.zeros(len(at), flat.shape[1], dtype=torch.float64, device=device)
-            with lock:
-                totals[form].append(mine[form])
-        mine[form].addmm_(cos, flat.real.double()).addmm_(sin, flat.imag.double(), alpha=-1)
+def _above(g: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Eigenpairs above the bound of a chunk of Grams: ``u`` (F_c, c, count) and ``shrink = 1 − bound/σ``
+    (None when no Gram has one)."""
+    lam, u = torch.linalg.eigh(g)
+    shrink = (1 - bound / lam.clamp(min=0).sqrt()).clamp(min=0)  # σ = 0 gives −inf → 0
+    count = int((shrink > 0).sum(-1).max()) if len(shrink) else 0
+    if count == 0:
+        return None
+    return u[..., -count:], shrink[..., -count:]
 
-    def change(fr: torch.Tensor, w: torch.Tensor, u: torch.Tensor, shrink: torch.Tensor) -> None:
-        """Accumulate the kernel change of a chunk of frequencies, ``Δ(f) = U diag(shrink) Uᴴ Q̂(f)``: per
-        frequency, at the support positions (``(T, c·k)``); or through the tap offsets δ, as
-        ``B(δ) = Σ_f w_f Re(H(f) e^{+iθ(f,δ)})`` of ``H = U diag(shrink) Uᴴ`` (``(D, c·c)``), since
-        ``Σ_f w_f Re(Δ(f) e^{iθ(f,q_t)}) = Σ_t' B(q_t − q_t') Q_t'`` — whichever costs less for this chunk's
-        number of active eigenpairs.  The 1/M comes later."""
-        scaled = u * shrink.unsqueeze(-2).to(ctype)
-        form = accumulate
+
+class _ClipPass:
+    """What each worker does with its chunks of frequencies in :func:`clip`: find the eigenpairs above the bound
+    and add their change to ``change``.
+
+    Few distinct Grams (a 1×1 or dilated kernel): one eigendecomposition per class of frequencies, shared by its
+    members.  Otherwise per chunk, after a cheap eigenvalue pass that skips the frequencies with nothing above the
+    bound; that pass is dropped once a chunk shows most frequencies active (they need the eigenvectors anyway).
+    """
+
+    def __init__(self, problem: _Problem, change: _Change, bound: float, ctype: torch.dtype) -> None:
+        self.problem, self.change, self.bound, self.ctype = problem, change, bound, ctype
+        self.threshold = bound * bound * (1 - 1e-4)  # margin of the eigenvalue pass, far above its error
+        self.prefilter = True
+        self.shared = None
+        p = problem
+        c = p.source.c
+        self.by_class = len(p.reps) < len(p.freqs) and 32 * len(p.reps) * c * c <= DEFAULT_CHUNK_BYTES
+        if self.by_class:
+            self.shared = _above(p.source.chunk(p.freqs[p.reps], ctype), bound)
+        self.weight = p.weight.to(p.freqs.device, torch.float64)
+
+    def __call__(self, s: slice) -> None:
+        p = self.problem
+        fr, w = p.freqs[s], self.weight[s]
+        if self.by_class:
+            if self.shared is not None:
+                cls = p.inverse[s]
+                self.change.add(fr, w, self.shared[0][cls], self.shared[1][cls])
+            return
+        g = p.source.chunk(fr, self.ctype)
+        if self.prefilter:
+            active = (torch.linalg.eigvalsh(g)[:, -1] > self.threshold).nonzero().flatten()
+            if 2 * len(active) > len(fr):
+                self.prefilter = False
+            if len(active) == 0:
+                return
+            if len(active) < len(fr):
+                g, fr, w = g[active], fr[active], w[active]
+        found = _above(g, self.bound)
+        if found is not None:
+            self.change.add(fr, w, *found)
+
+
+class _Change:
+    """The kernel change of :func:`clip`, ``Σ_f w_f Re(Δ(f) e^{iθ(f, q_t)})`` for every tap position ``q_t``,
+    summed over chunks of frequencies by several worker threads (one float64 accumulator per thread and form).
+
+    ``Δ(f) = U diag(shrink) Uᴴ Q̂(f)`` is added per chunk in one of two exact forms: ``"frequency"`` at the support
+    positions (``(T, c·k)``), or ``"offsets"``: through the tap offsets δ, ``B(δ) = Σ_f w_f Re(H(f) e^{+iθ(f,δ)})``
+    of ``H = U diag(shrink) Uᴴ`` (``(D, c·c)``), since ``Σ_f w_f Re(Δ(f) e^{iθ(f,q_t)}) = Σ_t' B(q_t − q_t') Q_t'``;
+    ``"auto"`` picks whichever costs less for the chunk's number of active eigenpairs.  The 1/M comes later.
+    """
+
+    def __init__(self, problem: _Problem, ctype: torch.dtype, form: str) -> None:
+        self.problem, self.ctype, self.form = problem, ctype, form
+        device = problem.freqs.device
+        self.positions = problem.layout.positions.to(device)
+        self.pairs = _tap_offsets(problem.layout.positions.tolist(), problem.layout.grid)
+        self.keys = sorted({key for key, _ in self.pairs.values()})
+        self.offsets = torch.tensor(self.keys, dtype=torch.long, device=device).reshape(-1, 2)
+        self.parts: dict[str, list[torch.Tensor]] = {"frequency": [], "offsets": []}  # one per worker thread
+        self.local, self.lock = threading.local(), threading.Lock()
+
+    def add(self, fr: torch.Tensor, w: torch.Tensor, u: torch.Tensor, shrink: torch.Tensor) -> None:
+        """Add the change of a chunk of frequencies ``fr`` (weights ``w``) with eigenvectors ``u`` to shrink."""
+        p = self.problem
+        scaled = u * shrink.unsqueeze(-2).to(self.ctype)
+        form = self.form
         if form == "auto":
-            cheaper = _offset_form_cheaper(u.shape[-1], len(freqs), len(side), c, k, len(keys))
+            cheaper = _offset_form_cheaper(u.shape[-1], len(p.freqs), len(p.side), p.source.c, p.source.k,
+                                           len(self.keys))
             form = "offsets" if cheaper else "frequency"
         if form == "offsets":
-            add_transform(form, fr, w, offsets, scaled @ u.mH)
+            self._transform(form, fr, w, self.offsets, scaled @ u.mH)
         else:
-            add_transform(form, fr, w, positions, scaled @ (u.mH @ source.transfer(fr, ctype)))
+            self._transform(form, fr, w, self.positions, scaled @ (u.mH @ p.source.transfer(fr, self.ctype)))
 
-    if len(reps) < len(freqs) and 32 * len(reps) * c * c <= DEFAULT_CHUNK_BYTES:
-        # few distinct Grams (a 1×1 or dilated kernel): one eigendecomposition per class, shared by its frequencies
-        shared = decompose(source.chunk(freqs[reps], ctype))
+    def _transform(self, form: str, fr: torch.Tensor, w: torch.Tensor, at: torch.Tensor, values: torch.Tensor
+                   ) -> None:
+        """Add ``Σ_f w_f Re(values(f) e^{+iθ(f, p)})`` for each grid position ``p`` of ``at`` to this thread's
+        ``(len(at), ·)`` float64 accumulator of ``form``."""
+        theta = _phases(fr, at, self.problem.layout.grid, torch.float64)
+        cos, sin = (w.unsqueeze(1) * torch.cos(theta)).T, (w.unsqueeze(1) * torch.sin(theta)).T  # (·, F_c)
+        flat = values.reshape(len(fr), -1)
+        mine = getattr(self.local, "totals", None)
+        if mine is None:
+            mine = self.local.totals = {}
+        if form not in mine:
+            mine[form] = torch.zeros(len(at), flat.shape[1], dtype=torch.float64, device=flat.device)
+            with self.lock:
+                self.parts[form].append(mine[form])
+        mine[form].addmm_(cos, flat.real.double()).addmm_(sin, flat.imag.double(), alpha=-1)
 
-        def work(s: slice) -> None:
-            if shared is not None:
-                cls = inverse[s]
-                change(freqs[s], weight[s], shared[0][cls], shared[1][cls])
-    else:
-        def work(s: slice) -> None:
-            fr, w = freqs[s], weight[s]
-            g = source.chunk(fr, ctype)
-            if prefilter[0]:
-                active = (torch.linalg.eigvalsh(g)[:, -1] > threshold).nonzero().flatten()
-                if 2 * len(active) > len(fr):
-                    prefilter[0] = False  # most frequencies need the eigenvectors anyway
-                if len(active) == 0:
-                    return
-                if len(active) < len(fr):
-                    g, fr, w = g[active], fr[active], w[active]
-            found = decompose(g)
-            if found is not None:
-                change(fr, w, *found)
+    def total(self) -> torch.Tensor:
+        """The summed change at the support positions, ``(T, c, k)`` (offsets form: ``Σ_t' B(q_t − q_t') Q_t'``)."""
+        side = self.problem.side
+        c, k = side.shape[1], side.shape[2]
+        total = side.new_zeros(len(side), c, k)
+        for part in self.parts["frequency"]:
+            total += part.reshape(total.shape)
+        if self.parts["offsets"]:
+            b = self.parts["offsets"][0]
+            for part in self.parts["offsets"][1:]:
+                b += part
+            b = b.reshape(len(self.keys), c, c)
+            index = {key: i for i, key in enumerate(self.keys)}
+            stacked = side.reshape(len(side) * c, k)
 
-    per_freq = 16 * (4 * c * c + 5 * c * k)
-    workers = _job_workers(len(freqs), per_freq, workers)
-    pmap(work, _chunk_spans(len(freqs), chunk, per_freq, workers), workers)
-    total = side.new_zeros(len(side), c, k)
-    for part in totals["frequency"]:
-        total += part.reshape(total.shape)
-    if totals["offsets"]:
-        b = totals["offsets"][0]
-        for part in totals["offsets"][1:]:
-            b += part
-        b = b.reshape(len(keys), c, c)
-        index = {key: i for i, key in enumerate(keys)}
-        stacked = side.reshape(len(side) * c, k)
-
-        def block(i: int, j: int) -> torch.Tensor:
-            key, mirrored = pairs[(i, j)]
-            return b[index[key]].T if mirrored else b[index[key]]  # B(−κ) = B(κ)ᵀ
-        for i in range(len(side)):
-            total[i] += torch.cat([block(i, j) for j in range(len(side))], 1) @ stacked
-    new_side = side - (total / (layout.grid[0] * layout.grid[1])).reshape(side.shape)
-    new_taps = new_side.transpose(1, 2) if transposed else new_side
-    if used is not None:
-        new_taps = full_taps.index_copy(2, used, new_taps.contiguous())
-    out = from_polyphase(new_taps.contiguous(), layout, (kernel.shape[2], kernel.shape[3]))
-    return out.to(kernel.dtype)
+            def block(i: int, j: int) -> torch.Tensor:
+                key, mirrored = self.pairs[(i, j)]
+                return b[index[key]].T if mirrored else b[index[key]]  # B(−κ) = B(κ)ᵀ
+            for i in range(len(side)):
+                total[i] += torch.cat([block(i, j) for j in range(len(side))], 1) @ stacked
+        return total

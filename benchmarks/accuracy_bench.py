@@ -1,0 +1,137 @@
+"""Issue 15: how much accuracy a short finetune keeps, measured side by side in one run.
+
+The shared ResNet-20 (91.2 % on the 512 shared test images) is decomposed to ×2.5 and ×5 fewer parameters and
+finetuned for 5 epochs on the 5 085 shared training images through the library's own ``finetune`` — once with the
+old defaults (lr 0.01, cross-entropy only), once per lever (distillation from the original network, learning rate,
+bound schedule, clip frequency, final rescaling instead of re-projection) — without control and with ``clip_to 1``.
+Every row reports the test accuracy after decomposition, after the finetune, and (clipped rows) the largest exact
+σmax / bound over the convs of the saved model.
+
+    python benchmarks/accuracy_bench.py                 # all rows (CPU: about an hour; --device cuda: minutes)
+    python benchmarks/accuracy_bench.py --only x2.5 --device cuda
+    python benchmarks/accuracy_bench.py --markdown benchmarks/results/accuracy_bench.json
+
+Goals (issue 15): ×2.5 ≥ 90 %, with clip_to 1 ≥ 88 %; ×5 ≥ 87 %, with clip_to 1 ≥ 85 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+MODEL = SHARED / "models" / "resnet20-12fca82f.th"
+DATA = SHARED / "data" / "cifar10-sample.npz"
+RANKS = {"x2.5": 24, "x5": 14}  # single-rank decompositions at ×2.62 and ×5.15 fewer parameters
+GOALS = {("x2.5", False): 0.90, ("x2.5", True): 0.88, ("x5", False): 0.87, ("x5", True): 0.85}
+
+# name → finetune settings on top of the common ones (5 epochs, batch 128, cosine)
+OLD = dict(lr=0.01)
+ROWS = {
+    "old defaults (lr 0.01, CE)": dict(OLD),
+    "lr 0.003": dict(lr=0.003),
+    "KD α=1, lr 0.01": dict(lr=0.01, kd_alpha=1.0, teacher=True),
+    "KD α=1, lr 0.003": dict(lr=0.003, kd_alpha=1.0, teacher=True),
+    "KD α=3, lr 0.003": dict(lr=0.003, kd_alpha=3.0, teacher=True),
+    "KD α=3, lr 0.001": dict(lr=0.001, kd_alpha=3.0, teacher=True),
+}
+CLIP_ROWS = {
+    "clip 1, old defaults": dict(OLD, clip_to=1.0),
+    "clip 1, KD α=3, lr 0.003": dict(lr=0.003, kd_alpha=3.0, teacher=True, clip_to=1.0),
+    "clip 1, KD, final rescale": dict(lr=0.003, kd_alpha=3.0, teacher=True, clip_to=1.0, final_reprojections=0),
+    "clip 1, KD, every 10, final rescale": dict(lr=0.003, kd_alpha=3.0, teacher=True, clip_to=1.0, clip_every=10,
+                                                final_reprojections=0),
+    "clip 1, KD, linear:0.5, final rescale": dict(lr=0.003, kd_alpha=3.0, teacher=True, clip_to=1.0,
+                                                  bound_schedule="linear:0.5", final_reprojections=0),
+    "divide 1, KD, final rescale": dict(lr=0.003, kd_alpha=3.0, teacher=True, divide_to=1.0,
+                                        final_reprojections=0),
+}
+
+
+def measure(ratio: str, name: str, settings: dict, original, device: str, epochs: int, steps: int | None) -> dict:
+    from ttcompress.train import FinetuneConfig, finetune
+    from ttcompress.tt import decompose
+
+    torch.manual_seed(0)
+    student = copy.deepcopy(original)
+    report = decompose(student.net, rank=RANKS[ratio])
+    settings = dict(settings)
+    teacher = settings.pop("teacher", False)
+    config = FinetuneConfig.from_recipe(
+        None, data=str(DATA), **(dict(steps=steps) if steps else dict(epochs=epochs)), device=device, seed=0,
+        **(dict(teacher=str(MODEL), teacher_arch="resnet20") if teacher else {}), **settings)
+    start = time.perf_counter()
+    result = finetune(student, config)
+    return {"ratio": ratio, "row": name, "rank": RANKS[ratio], "compression": report.compression,
+            "decomposed": result.test_accuracy_before, "finetuned": result.test_accuracy,
+            "max_sigma_ratio": result.max_ratio, "clipped": result.max_ratio is not None,
+            "rescaled": sum(1 for b in result.bounds if b.rescale is not None),
+            "seconds": time.perf_counter() - start, "teacher_seconds": result.time_teacher,
+            "settings": {k: v for k, v in config.to_dict().items() if k in settings or k in ("teacher", "kd_alpha")}}
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"`python benchmarks/accuracy_bench.py` on {doc['device']} ({doc['machine']}), torch {doc['torch']}, "
+             f"{doc['time']}; shared ResNet-20 (original {100 * doc['original']:.2f} % on the 512 shared test "
+             f"images), {doc['epochs']} epochs on the 5 085 shared training images:", "",
+             "| compression | finetune | after decompose | after finetune | goal | max σmax/bound | time |",
+             "|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        goal = GOALS[(r["ratio"], r["clipped"])]
+        mark = "✓" if r["finetuned"] >= goal else "✗"
+        sig = "—" if r["max_sigma_ratio"] is None else f"{r['max_sigma_ratio']:.4f}"
+        lines.append(f"| ×{r['compression']:.2f} (rank {r['rank']}) | {r['row']} | {100 * r['decomposed']:.1f} % | "
+                     f"**{100 * r['finetuned']:.1f} %** | ≥ {100 * goal:.0f} % {mark} | {sig} | {r['seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="run this many steps instead (a smoke test)")
+    parser.add_argument("--only", choices=sorted(RANKS), action="append", help="compression(s) to run")
+    parser.add_argument("--rows", default=None, help="comma-separated substrings: run only matching rows")
+    parser.add_argument("--out", default=str(HERE / "results" / "accuracy_bench.json"))
+    parser.add_argument("--markdown", metavar="RESULTS", help="print a results file as a markdown table and exit")
+    args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
+    if not (MODEL.exists() and DATA.exists()):
+        sys.exit(f"needs {MODEL} and {DATA}")
+    from ttcompress import checkpoint as ck
+    from ttcompress.data import load_split
+    from ttcompress.train.finalize import accuracy
+
+    original = ck.load(MODEL, arch="resnet20")
+    test = load_split(str(DATA), "test")
+    orig_acc = accuracy(original.model.to(args.device), test, torch.device(args.device), 256, None, "")
+    original.model.to("cpu")
+    wanted = [w.strip() for w in args.rows.split(",")] if args.rows else None
+    rows = []
+    for ratio in args.only or list(RANKS):
+        for name, settings in {**ROWS, **CLIP_ROWS}.items():
+            if wanted and not any(w in name for w in wanted):
+                continue
+            rows.append(measure(ratio, name, settings, original, args.device, args.epochs, args.steps))
+            print(json.dumps(rows[-1]), flush=True)
+    doc = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+           "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "epochs": args.epochs,
+           "original": orig_acc, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
