@@ -97,6 +97,7 @@ def model_file(tmp_path) -> Path:
 @pytest.mark.parametrize("content,message", [
     (b"arch: ATTACK.py:Net\ndata: x.npz\nsteps: 1\n", "names a Python file"),
     (b"arch: ./ATTACK\ndata: x.npz\nsteps: 1\n", "names a Python file"),
+    (b"teacher: t.pt\nteacher_arch: ATTACK.py:Net\ndata: x.npz\nsteps: 1\n", "names a Python file"),
     (b"\xff\xfe\x00b\x00i\x00n", "not a UTF-8 text file"),
     (b"data: x.npz\x00\x01\x02\n", "binary file"),
     (b"- data\n- x.npz\n", "must be a mapping"),

@@ -239,8 +239,9 @@ def _recipe_values(path) -> dict[str, Any]:
     if unknown:
         raise UserError(f"recipe {path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
     values = {k: coerce(k, v, f"recipe {path}") for k, v in values.items()}
-    arch = values.get("arch")
-    if arch is not None and (".py" in arch.lower() or "/" in arch or "\\" in arch):
-        raise UserError(f"recipe {path}: arch {arch!r} names a Python file, and a recipe may not run "
-                        "code: name that file yourself (--arch, or arch=) if you trust it")
+    for key in ("arch", "teacher_arch"):
+        arch = values.get(key)
+        if arch is not None and (".py" in arch.lower() or "/" in arch or "\\" in arch):
+            raise UserError(f"recipe {path}: {key} {arch!r} names a Python file, and a recipe may not run "
+                            f"code: name that file yourself (--{key.replace('_', '-')}, or {key}=) if you trust it")
     return values
