@@ -205,7 +205,7 @@ def test_cli_all_methods_json_contract(small_tt):
     doc = json.loads(res.stdout)
     assert doc["methods"] == list(METHODS)
     keys = {"name", "kind", "input_size", "stride", "sigma_max", "sigma_min", "count", "f4_bound", "fourier_bound",
-            "power_zero_padding", "power_top_k", "power_converged", "seconds"}
+            "gram_bound", "gram_zero_padding_bound", "power_zero_padding", "power_top_k", "power_converged", "seconds"}
     assert len(doc["layers"]) == 19
     assert {l["kind"] for l in doc["layers"]} == {"conv", "tt"}
     for l in doc["layers"]:
@@ -213,6 +213,7 @@ def test_cli_all_methods_json_contract(small_tt):
         assert set(l["seconds"]) == set(METHODS) and all(t >= 0 for t in l["seconds"].values())
         exact = l["sigma_max"] * (1 - 1e-5)
         assert l["f4_bound"] >= exact and l["fourier_bound"] >= exact
+        assert l["gram_bound"] >= exact and l["gram_zero_padding_bound"] >= l["power_zero_padding"]
         assert l["power_zero_padding"] <= min(l["f4_bound"], l["fourier_bound"])
         assert len(l["power_top_k"]) == 2 and l["power_top_k"][0] == l["power_zero_padding"]
         assert l["power_top_k"][0] >= l["power_top_k"][1] and l["power_converged"] is True

@@ -24,23 +24,28 @@ def spectrum(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the per-layer spectra."),
     precision: str = typer.Option("float32", "--precision", help="float32 (complex64 SVDs, ~1e-6·σmax) or float64 "
                                   "(exact spectrum and kernel bounds; power always runs in float64)."),
-    method: List[str] = typer.Option([], "--method", "-m", help="exact (default), f4, fourier, power or all; "
-                                     "repeatable or comma-separated, e.g. --method exact,power."),
+    method: List[str] = typer.Option([], "--method", "-m", help="exact (default), f4, fourier, gram, gram-zero, "
+                                     "power or all; repeatable or comma-separated, e.g. --method exact,gram."),
     all_methods: bool = typer.Option(False, "--all-methods", help="Every method (same as --method all)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="With the power method: also find the top K singular "
                                         "values of each layer as it runs.", show_default=False),
+    gram_iters: Optional[int] = typer.Option(None, "--gram-iters", help="Gram products per frequency block for gram "
+                                             "and gram-zero (default 8: within 1e-3 of exact on ResNet-20).",
+                                             show_default=False),
     mean: Optional[str] = MeanOpt,
     std: Optional[str] = StdOpt,
     trust_pickle: bool = TrustOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Exact singular values of every conv layer (periodic, strides included; TT layers via their core), and
-    other ways to get σmax side by side: the F4 and Fourier bounds, and power iteration on the layer as it runs
-    (zero padding), each timed.
+    other ways to get σmax side by side: the F4, Fourier and Gram-iteration bounds (periodic and zero padding), and
+    power iteration on the layer as it runs (zero padding), each timed.
 
     Example: ttcompress spectrum r20-tt.safetensors --json --plot spectra.png
 
     Example: ttcompress spectrum model.th --arch resnet20 --all-methods
+
+    Example: ttcompress spectrum model.th --arch resnet20 --method exact,gram,gram-zero --gram-iters 6
     """
     from ttcompress.spectral.methods import parse_methods
 
@@ -52,24 +57,31 @@ def spectrum(
             raise UserError(f"--top-k must be at least 1, got {top_k}")
         if "power" not in methods:
             raise UserError("--top-k needs the power method: add --method power (or --all-methods)")
+    if gram_iters is not None:
+        if gram_iters < 1:
+            raise UserError(f"--gram-iters must be at least 1, got {gram_iters}")
+        if not {"gram", "gram-zero"} & set(methods):
+            raise UserError("--gram-iters needs a Gram method: add --method gram or gram-zero (or --all-methods)")
     for flag, path in (("--values", values), ("--plot", plot)):
         if path is not None and "exact" not in methods:
             raise UserError(f"{flag} needs the exact spectrum: add exact to --method (or use --all-methods)")
     with guard([("--values", values), ("--plot", plot)], inputs=[checkpoint, arch_file(arch)]):
         _spectrum(checkpoint, arch, input_size, values, plot, precision, methods, method or all_methods, top_k,
-                  mean, std, trust_pickle, as_json)
+                  gram_iters, mean, std, trust_pickle, as_json)
 
 
-def _spectrum(checkpoint, arch, input_size, values, plot, precision, methods, timed, top_k, mean, std,
+def _spectrum(checkpoint, arch, input_size, values, plot, precision, methods, timed, top_k, gram_iters, mean, std,
               trust_pickle, as_json) -> None:
     import torch
 
+    from ttcompress.spectral.gram import DEFAULT_ITERS
     from ttcompress.spectral.methods import network_methods
     from ttcompress.ui import RichProgress, err_console, out_console, print_json, say, table
 
     loaded = load_model(checkpoint, arch, mean, std, trust_pickle, list(input_size) if input_size else None)
     results = network_methods(loaded.model, loaded.input_size, methods, net=loaded.net,
-                              dtype=getattr(torch, precision), top_k=top_k, progress=RichProgress())
+                              dtype=getattr(torch, precision), top_k=top_k,
+                              gram_iters=DEFAULT_ITERS if gram_iters is None else gram_iters, progress=RichProgress())
     layers = [r.spectrum for r in results if r.spectrum is not None]
     if values is not None:
         from ttcompress.report import write_values
@@ -96,7 +108,8 @@ def _spectrum(checkpoint, arch, input_size, values, plot, precision, methods, ti
             err_console.print(f"wrote {path}")
 
 
-_LABELS = {"exact": "exact", "f4": "F4", "fourier": "Fourier", "power": "0-pad"}
+_LABELS = {"exact": "exact", "f4": "F4", "fourier": "Fourier", "gram": "Gram", "gram-zero": "Gram 0-pad",
+           "power": "0-pad"}
 
 
 def _print_wide(console, renderable) -> None:
