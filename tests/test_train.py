@@ -613,3 +613,31 @@ def test_an_extra_loss_term_is_a_column_of_the_log(tiny):
         assert float(r["extra"]) > 0
         assert float(r["loss"]) == pytest.approx(float(r["ce"]) + 10.0 * float(r["ortho"]) + float(r["extra"]),
                                                  rel=1e-4)
+
+
+def test_gram_weight_regularises_and_is_logged(tiny):
+    """--gram-weight: the Gram bound of each conv's periodic σmax (on the input size it sees) is added to the loss
+    and logged; a few steps with it lower the bound's sum more than the same steps without."""
+    from ttcompress.spectral.gram import gram_penalty
+    from ttcompress.spectral.network import layer_input_sizes
+
+    def gram_sum(path: Path) -> float:
+        loaded = ck.load(path, arch=tiny["arch"])
+        sizes = layer_input_sizes(loaded.model, (3, 8, 8), loaded.net)
+        with torch.no_grad():
+            return float(gram_penalty(loaded.net, sizes))
+
+    start = gram_sum(tiny["model"])
+    runs = {}
+    for weight in (0.0, 0.5):
+        out = tiny["dir"] / f"gram-{weight}.safetensors"
+        finetune(ck.load(tiny["model"], arch=tiny["arch"]),
+                 config(tiny, clip_to=None, gram_weight=weight, bn_recalibrate=0), out_path=out)
+        runs[weight] = (gram_sum(out), read_log(run_paths(out)["log"]))
+    with_penalty, rows = runs[0.5]
+    assert with_penalty < 0.9 * start and with_penalty < runs[0.0][0]
+    for r in rows:
+        assert float(r["loss"]) == pytest.approx(float(r["ce"]) + 10.0 * float(r["ortho"]) + 0.5 * float(r["gram"]),
+                                                 rel=1e-4)
+    assert float(rows[0]["gram"]) == pytest.approx(start, rel=1e-4)
+    assert "gram" not in runs[0.0][1][0]  # the column only with the penalty

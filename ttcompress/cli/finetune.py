@@ -63,6 +63,8 @@ def finetune(
                                          "1e5)."),
     f4_weight: Optional[float] = _opt("f4_weight", "Weight W of the regulariser W·Σ F4 bound (Singla & Feizi's "
                                       "differentiable bound on each conv's σmax)."),
+    gram_weight: Optional[float] = _opt("gram_weight", "Weight W of the regulariser W·Σ Gram bound (each conv's "
+                                        "periodic σmax on the input size it sees, Gram iteration; differentiable)."),
     clip_to: Optional[float] = _opt("clip_to", "Clip every conv's exact singular values at C (TT layers: their "
                                     "core after QR)."),
     clip_every: Optional[int] = _opt("clip_every", "Clip every N steps."),

@@ -47,6 +47,7 @@ class FinetuneConfig:
     schedule_epochs: float | None = None  # the epoch count multistep milestones refer to (see parse_schedule)
     orthogonal_k: float = 0.0  # weight of the orthogonal loss (paper: 1e5)
     f4_weight: float = 0.0  # weight of the Fantastic-Four bound sum Σ f4_bound over the convs (a regulariser)
+    gram_weight: float = 0.0  # weight of Σ Gram-iteration bound of each conv's periodic σmax (a regulariser)
     clip_to: float | None = None  # clip conv singular values at C ...
     clip_every: int = 100  # ... every N steps
     divide_to: float | None = None  # divide convs by max(1, σ̂/D) every step
@@ -151,7 +152,7 @@ class FinetuneConfig:
         if not self.kd_temperature > 0:
             raise SettingError(f"kd_temperature must be a positive number, got {self.kd_temperature}",
                                "kd_temperature")
-        for name in ("weight_decay", "orthogonal_k", "f4_weight", "kd_alpha"):
+        for name in ("weight_decay", "orthogonal_k", "f4_weight", "gram_weight", "kd_alpha"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise SettingError(f"{name} must be a non-negative number, got {value}", name)

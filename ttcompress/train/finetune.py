@@ -276,7 +276,7 @@ def _finetune(model_in: ck.LoadedModel | nn.Module, loaded: ck.LoadedModel | Non
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    objective = Objective(net, cfg.orthogonal_k, cfg.f4_weight, extra_loss, distill)
+    objective = Objective(net, cfg.orthogonal_k, cfg.f4_weight, extra_loss, distill, cfg.gram_weight, sizes)
     shown = ProgressHook(progress)
     hooks = [DivergenceGuard(dist), ControlHook(), CsvHook(objective.columns),
              *([TensorBoardHook()] if cfg.tensorboard else []), shown, SaveHook(cfg.save_every), *more_hooks]

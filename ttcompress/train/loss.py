@@ -1,9 +1,11 @@
-"""The training objective: ``ce + orthogonal_k·ortho + f4_weight·f4 (+ kd) (+ extra)``.
+"""The training objective: ``ce + orthogonal_k·ortho + f4_weight·f4 (+ gram_weight·gram) (+ kd) (+ extra)``.
 
 * ``ce`` — cross-entropy of the logits (computed in float32 under AMP);
 * ``ortho`` — the orthogonal loss on TT frames (:func:`ttcompress.control.orthogonal_loss`, paper eq. 11);
 * ``f4`` — the sum of the convs' Fantastic-Four bounds (:func:`ttcompress.spectral.bounds.f4_penalty`, Singla &
   Feizi's differentiable bound on each conv's σmax), a regulariser;
+* ``gram`` — with ``gram_weight``, the sum of the convs' Gram-iteration bounds on their periodic σmax at the input size
+  each sees (:func:`ttcompress.spectral.gram.gram_penalty`, Delattre et al. 2023), a regulariser;
 * ``kd`` — with a teacher (``teacher``), the distillation term ``kd_alpha·T²·KL(teacher ‖ student)``
   (:class:`ttcompress.distill.Distillation`: the teacher in eval mode, no gradients, on the same batch);
 * ``extra`` — any further term given to :func:`ttcompress.train.finetune` as ``extra_loss(model, images, labels,
@@ -36,11 +38,14 @@ class Objective:
     f4_weight: float = 0.0
     extra: ExtraLoss | None = None
     distill: ExtraLoss | None = None  # a ttcompress.distill.Distillation
+    gram_weight: float = 0.0
+    input_sizes: dict | None = None  # layer → spatial input size (the Gram bound needs them)
 
     @property
     def columns(self) -> tuple[str, ...]:
         """The logged terms, in order."""
-        return (("ce", "ortho", "f4") + (("kd",) if self.distill is not None else ())
+        return (("ce", "ortho", "f4") + (("gram",) if self.gram_weight > 0 else ())
+                + (("kd",) if self.distill is not None else ())
                 + (("extra",) if self.extra is not None else ()))
 
     @staticmethod
@@ -61,6 +66,11 @@ class Objective:
             loss = loss + k * terms["ortho"]
         if w > 0:
             loss = loss + w * terms["f4"]
+        if self.gram_weight > 0:
+            from ttcompress.spectral.gram import gram_penalty
+
+            terms["gram"] = gram_penalty(self.net, self.input_sizes or {})
+            loss = loss + self.gram_weight * terms["gram"]
         if self.distill is not None:
             terms["kd"] = self.distill(model, images, labels, logits)
             loss = loss + terms["kd"]
