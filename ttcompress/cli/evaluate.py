@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ttcompress.cli import app, handles_errors
-from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, load_model
+from ttcompress.cli.common import ArchOpt, JsonOpt, KeyPrefixOpt, MeanOpt, StdOpt, TrustOpt, load_model
 from ttcompress.errors import UserError
 
 
@@ -93,6 +93,7 @@ def eval_command(
     mean: Optional[str] = MeanOpt,
     std: Optional[str] = StdOpt,
     trust_pickle: bool = TrustOpt,
+    key_prefix: Optional[str] = KeyPrefixOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Accuracy, calibration (ECE), CIFAR-10-C, AutoAttack, empirical Lipschitz and certified robust accuracy.
@@ -127,7 +128,7 @@ def eval_command(
         if unknown and cifar_c is None:
             raise UserError(f"unknown corruption(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
     torch_device = pick_device(device)
-    loaded = load_model(checkpoint, arch, mean, std, trust_pickle)
+    loaded = load_model(checkpoint, arch, mean, std, trust_pickle, key_prefix=key_prefix)
     images = load_split(data, split, data_root)
     model = loaded.model.to(torch_device)
     check_compatible(images, model, torch_device)

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import typer
 
 from ttcompress.cli import app, handles_errors
-from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, load_model
+from ttcompress.cli.common import ArchOpt, JsonOpt, KeyPrefixOpt, MeanOpt, StdOpt, TrustOpt, load_model
 from ttcompress.errors import UserError
 
 @app.command()
@@ -31,6 +31,7 @@ def spectrum(
     mean: Optional[str] = MeanOpt,
     std: Optional[str] = StdOpt,
     trust_pickle: bool = TrustOpt,
+    key_prefix: Optional[str] = KeyPrefixOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Exact singular values of every conv layer (periodic, strides included; TT layers via their core), and
@@ -57,7 +58,8 @@ def spectrum(
     for flag, path in (("--values", values), ("--plot", plot)):
         if path is not None and "exact" not in methods:
             raise UserError(f"{flag} needs the exact spectrum: add exact to --method (or use --all-methods)")
-    loaded = load_model(checkpoint, arch, mean, std, trust_pickle, list(input_size) if input_size else None)
+    loaded = load_model(checkpoint, arch, mean, std, trust_pickle, list(input_size) if input_size else None,
+                        key_prefix)
     for path in (values, plot):
         if path is not None:
             from ttcompress.checkpoint import check_output_path
