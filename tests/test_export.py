@@ -204,3 +204,16 @@ def test_every_format_reproduces_accuracy_on_the_shared_test_images(tmp_path, re
         if fmt != "onnx" and not dense:
             assert check.max_abs_diff == 0.0
         assert check.rel_diff <= (1e-5 if fmt != "onnx" else ex.TOLERANCE)
+
+
+def test_a_trusted_pickled_module_exports_too(tmp_path):
+    torch.manual_seed(0)
+    src = tmp_path / "whole.pt"
+    torch.save(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 4)), src)
+    loaded = load(src, trust_pickle=True)
+    decompose(loaded.net, rank=2)
+    loaded.meta.tt_ranks = tt_ranks(loaded.net)
+    report = ex.export(loaded, tmp_path / "out.pt", "state-dict", inputs=[src])
+    assert report.checks[0].max_abs_diff == 0.0 and set(torch.load(tmp_path / "out.pt")) == {
+        "0.0.weight", "0.1.weight", "0.2.weight", "0.2.bias", "4.weight", "4.bias"}

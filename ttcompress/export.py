@@ -227,7 +227,10 @@ def _reader(fmt: str, path: str, suffix: str, loaded: LoadedModel, dense: bool) 
 
 def fresh_net(loaded: LoadedModel, dense: bool) -> nn.Module:
     """A freshly built network of the exported layout: what a user's own module looks like for
-    ``load_state_dict(strict=True)`` of an exported state dict."""
+    ``load_state_dict(strict=True)`` of an exported state dict.  A pickled module (``--trust-pickle``) has no
+    architecture to rebuild: its own exported copy stands in (the file's weights overwrite it)."""
+    if loaded.meta.arch.startswith("pickle:"):
+        return portable_net(loaded.net, dense)
     info = archs.resolve(loaded.meta.arch)
     net = archs.build_net(info, loaded.meta.num_classes)
     apply_tt_structure(net, loaded.meta.tt_ranks)
