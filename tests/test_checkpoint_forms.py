@@ -126,3 +126,38 @@ def test_cli_ambiguity_is_one_line_exit_2_and_key_prefix_resolves_it(tmp_path):
     res = runner.invoke(app, ["spectrum", str(path), "--arch", "resnet20", "--key-prefix", "state_dict_ema.",
                               "--method", "f4", "--json"])
     assert res.exit_code == 0, res.output
+
+
+def test_finetune_takes_key_prefix_too(tmp_path):
+    import numpy as np
+
+    import ttcompress.cli.finetune  # noqa: F401
+
+    path = tmp_path / "checkpoint-1.pth.tar"
+    torch.save({"state_dict": r20_state(1), "state_dict_ema": r20_state(2)}, path)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 10, 8))
+    res = CliRunner().invoke(app, ["finetune", str(path), "--arch", "resnet20", "--key-prefix", "state_dict_ema.",
+                                   "--data", str(data), "--steps", "1", "--batch-size", "8",
+                                   "-o", str(tmp_path / "o.safetensors"), "--json"])
+    assert res.exit_code == 0, res.output
+
+
+def test_our_own_files_keep_their_keys_even_under_one_wrapper_name(tmp_path):
+    """A user's module whose parameters all sit under ``self.model`` round-trips through a ttcompress file."""
+    (tmp_path / "wrap.py").write_text(
+        "import torch\n"
+        "class Wrap(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(3600, 2))\n"
+        "    def forward(self, x):\n"
+        "        return self.model(x)\n")
+    from ttcompress.checkpoint import initialize, save
+
+    spec = f"{tmp_path / 'wrap.py'}:Wrap"
+    loaded = initialize(spec)
+    save(loaded, tmp_path / "w.safetensors")
+    again = load(tmp_path / "w.safetensors")
+    assert set(again.net.state_dict()) == {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"}

@@ -249,7 +249,8 @@ def read(path: str | os.PathLike, *, trust_pickle: bool = False, key_prefix: str
         raise CheckpointError(f"{p} is empty")
     if _is_safetensors(p):
         tensors, meta = _read_safetensors(p)
-        return RawCheckpoint(_strip_prefixes(tensors, key_prefix), None, meta)
+        exact = "" if meta is not None and key_prefix is None else key_prefix  # our own files: keys as written
+        return RawCheckpoint(_strip_prefixes(tensors, exact), None, meta)
     with torch.serialization.safe_globals([argparse.Namespace]):  # timm / torchvision scripts store their args
         obj = _torch_load(p, trust_pickle)
     state, module = extract_state_dict(obj, key_prefix)

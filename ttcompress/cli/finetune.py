@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ttcompress.cli import app, handles_errors
-from ttcompress.cli.common import ArchOpt, JsonOpt
+from ttcompress.cli.common import ArchOpt, JsonOpt, KeyPrefixOpt
 
 
 @app.command()
@@ -77,6 +77,7 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT.state.pt (same command, after a crash)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT.tb/."),
     arch: Optional[str] = ArchOpt,
+    key_prefix: Optional[str] = KeyPrefixOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Train a (TT) model with cross-entropy + orthogonal loss under exact singular-value control.
@@ -105,7 +106,7 @@ def finetune(
         seed=seed, save_every=save_every, resume=resume or None, tensorboard=tensorboard or None,
     )
     out = ck.check_output_path(out, checkpoint)
-    loaded = load_model(checkpoint, config.arch, None, None, False)
+    loaded = load_model(checkpoint, config.arch, None, None, False, key_prefix=key_prefix)
     result = run_finetune(loaded, config, out_path=out, progress=RichProgress())
     if result.world_size > 1 and result.log_path is None:
         return  # not rank 0: rank 0 reports
