@@ -217,3 +217,14 @@ def test_a_trusted_pickled_module_exports_too(tmp_path):
     report = ex.export(loaded, tmp_path / "out.pt", "state-dict", inputs=[src])
     assert report.checks[0].max_abs_diff == 0.0 and set(torch.load(tmp_path / "out.pt")) == {
         "0.0.weight", "0.1.weight", "0.2.weight", "0.2.bias", "4.weight", "4.bias"}
+
+
+def test_the_bound_comes_from_the_last_finetune_only():
+    clip = {"command": "finetune", "args": {"clip_to": 1.0, "clip_every": 100}}
+    plain = {"command": "finetune", "args": {"clip_to": None, "lr": 0.01}}
+    assert ex.finetune_bound([{"command": "decompose", "args": {}}]) is None
+    assert ex.finetune_bound([clip])["measure"] == "exact periodic σmax"
+    assert ex.finetune_bound([clip, plain]) is None  # a later unconstrained run voids the earlier bound
+    fast = ex.finetune_bound([{"command": "finetune", "args": {"fastclip_to": 2, "clip_with_bn": True}}])
+    assert fast["flag"] == "fastclip_to" and "BatchNorm" in fast["measure"]
+    assert ex.measure_bound(nn.Identity(), nn.Identity(), (3, 8, 8), fast)["holds"] is None

@@ -113,23 +113,30 @@ def layout(loaded: LoadedModel, dense: bool) -> dict:
 # --- the bound the exported kernels still meet --------------------------------------------------------------------
 
 def finetune_bound(history: Sequence[dict]) -> dict | None:
-    """The conv bound of the last finetune in ``history`` that set one (``clip_to``/``divide_to``/``fastclip_to``)."""
-    for entry in reversed(history):
-        args = entry.get("args", {})
-        if entry.get("command") != "finetune":
-            continue
-        for flag, measure in _BOUND_FLAGS.items():
-            if args.get(flag) is not None:
-                settings = {k: args.get(k) for k in ("clip_to", "divide_to", "fastclip_to", "clip_with_bn", "bn_to",
-                                                      "linear_to") if args.get(k) not in (None, False)}
-                return {"flag": flag, "bound": float(args[flag]), "measure": measure, "finetune": settings}
+    """The conv bound the last finetune in ``history`` enforced (``clip_to``/``divide_to``/``fastclip_to``), or
+    None (no finetune, or the last one controlled nothing: an earlier bound no longer applies)."""
+    runs = [entry.get("args", {}) for entry in history if entry.get("command") == "finetune"]
+    if not runs:
+        return None
+    args = runs[-1]
+    for flag, measure in _BOUND_FLAGS.items():
+        if args.get(flag) is not None:
+            settings = {k: args[k] for k in ("clip_to", "divide_to", "fastclip_to", "clip_with_bn", "bn_to",
+                                             "linear_to") if args.get(k) not in (None, False)}
+            if flag == "fastclip_to" and args.get("clip_with_bn"):
+                measure = "σmax of conv → BatchNorm as it runs"
+            return {"flag": flag, "bound": float(args[flag]), "measure": measure, "finetune": settings}
     return None
 
 
 def measure_bound(model: nn.Module, net: nn.Module, input_size: Sequence[int], bound: dict) -> dict:
-    """``bound`` with the largest σmax over the 2-D convs of ``net`` (inside ``model``), measured as it says."""
+    """``bound`` with the largest σmax over the 2-D convs of ``net`` (inside ``model``), measured as it says.  A
+    bound on conv → BatchNorm (``--clip-with-bn``) is stated, not re-measured (``holds`` None): the exported convs
+    compute the same maps, as the read-back check shows."""
     from ttcompress.spectral.methods import network_methods
 
+    if "BatchNorm" in bound["measure"]:
+        return {**bound, "max_sigma": None, "convs": None, "holds": None}
     method = "power" if bound["flag"] == "fastclip_to" else "exact"
     rows = network_methods(model, input_size, [method], net=net)
     values = [r.power_zero_padding if method == "power" else r.sigma_max for r in rows if len(r.stride) == 2]

@@ -75,10 +75,13 @@ def export_command(
     stats = "none" if norm is None else f"mean {norm['mean']}, std {norm['std']}"
     out_console.print(f"normalisation: {stats} ({where})")
     bound = info["bound"]
-    if bound is not None:
+    if bound is not None and bound["holds"] is None:
+        out_console.print(f"bound: {bound['measure']} ≤ {bound['bound']:g} (finetune), not re-measured here")
+    elif bound is not None:
         verdict = "holds" if bound["holds"] else "DOES NOT hold"
-        out_console.print(f"bound: {bound['measure']} ≤ {bound['bound']:g} (finetune --{bound['flag'].replace('_', '-')})"
-                          f" {verdict}: max {bound['max_sigma']:.4g} over {bound['convs']} convs")
+        flag = bound["flag"].replace("_", "-")
+        out_console.print(f"bound: {bound['measure']} ≤ {bound['bound']:g} (finetune --{flag}) {verdict}: max "
+                          f"{bound['max_sigma']:.6g} over {bound['convs']} convs")
     if report.opset is not None:
         out_console.print(f"ONNX opset {report.opset}, dynamic batch axis, input 'input' (N×"
                           f"{'×'.join(map(str, info['input_size']))} in [0, 1]), output 'logits'")
