@@ -228,3 +228,11 @@ def test_the_bound_comes_from_the_last_finetune_only():
     fast = ex.finetune_bound([{"command": "finetune", "args": {"fastclip_to": 2, "clip_with_bn": True}}])
     assert fast["flag"] == "fastclip_to" and "BatchNorm" in fast["measure"]
     assert ex.measure_bound(nn.Identity(), nn.Identity(), (3, 8, 8), fast)["holds"] is None
+
+
+def test_the_bound_is_measured_on_whole_layers_in_the_tt_layout_too(tmp_path, model):
+    worst = max(layer.sigma_max for layer in network_spectrum(model.model, model.input_size, net=model.net))
+    tagged = LoadedModel(model.model, ModelMeta(**{**model.meta.__dict__, "history": [
+        {"command": "finetune", "args": {"clip_to": worst}}]}))
+    bound = ex.export(tagged, tmp_path / "tt.safetensors", "state-dict").statement["bound"]
+    assert bound["convs"] == 19 and bound["max_sigma"] == pytest.approx(worst, rel=1e-5)

@@ -130,7 +130,8 @@ def finetune_bound(history: Sequence[dict]) -> dict | None:
 
 
 def measure_bound(model: nn.Module, net: nn.Module, input_size: Sequence[int], bound: dict) -> dict:
-    """``bound`` with the largest σmax over the 2-D convs of ``net`` (inside ``model``), measured as it says.  A
+    """``bound`` with the largest σmax over the 2-D convs of ``net`` (inside ``model``; TT layers folded, so each
+    conv is one layer's whole map), measured as it says.  A
     bound on conv → BatchNorm (``--clip-with-bn``) is stated, not re-measured (``holds`` None): the exported convs
     compute the same maps, as the read-back check shows."""
     from ttcompress.spectral.methods import network_methods
@@ -304,7 +305,10 @@ def export(
     module = archs.Normalized(exported_net, *((norm["mean"], norm["std"]) if norm else (None, None))).eval()
 
     bound = finetune_bound(loaded.meta.history)
-    measured = measure_bound(module, exported_net, loaded.input_size, bound) if bound else None
+    measured = None
+    if bound:  # on the composed kernels: the maps every layout computes (three convs measured apart would not be)
+        folded = exported_net if dense else portable_net(loaded.net, True).eval()
+        measured = measure_bound(archs.Normalized(folded, None, None), folded, loaded.input_size, bound)
     info = statement(loaded, fmt, dense, measured)
     report = ExportReport(fmt, str(path), dense, 0, info, opset=opset if fmt == "onnx" else None)
 
