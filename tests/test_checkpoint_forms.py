@@ -151,7 +151,8 @@ def test_our_own_files_keep_their_keys_even_under_one_wrapper_name(tmp_path):
         "class Wrap(torch.nn.Module):\n"
         "    def __init__(self):\n"
         "        super().__init__()\n"
-        "        self.model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(3600, 2))\n"
+        "        self.model = torch.nn.Sequential(\n"
+        "            torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(3600, 2))\n"
         "    def forward(self, x):\n"
         "        return self.model(x)\n")
     from ttcompress.checkpoint import initialize, save

@@ -36,8 +36,8 @@ def run(*args) -> dict:
 def tiny_data(path, n_train=32, n_test=16, classes=10):
     rng = np.random.default_rng(0)
     np.savez(path, train_x=rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
-             train_y=rng.integers(0, classes, n_train), test_x=rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
-             test_y=rng.integers(0, classes, n_test))
+             train_y=rng.integers(0, classes, n_train),
+             test_x=rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8), test_y=rng.integers(0, classes, n_test))
     return path
 
 

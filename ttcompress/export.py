@@ -63,7 +63,7 @@ class ExportReport:
     format: str
     path: str
     dense: bool
-    keys: int  # tensors in the file (state-dict) or parameters + buffers of the traced module
+    keys: int  # entries of the exported network's state dict
     statement: dict
     checks: list[Check] = field(default_factory=list)
     opset: int | None = None
@@ -206,7 +206,8 @@ def _need_onnx() -> None:
 
 # --- reading each format back -------------------------------------------------------------------------------------
 
-def _reader(fmt: str, path: str, suffix: str, loaded: LoadedModel, dense: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def _reader(fmt: str, path: str, suffix: str, loaded: LoadedModel,
+            dense: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function running the exported file read back from ``path`` (logits of float [0, 1] images)."""
     if fmt == "torchscript":
         with warnings.catch_warnings():
@@ -283,9 +284,9 @@ def export(
 
     The file is written beside ``out``, read back the way a user would (``load_state_dict(strict=True)`` into a fresh
     network, ``torch.jit.load``, onnxruntime) and run on random inputs in [0, 1] — and on the images of ``data`` when
-    given (their accuracy both ways in the report).  Only when every max abs difference is within :data:`TOLERANCE` of the
-    largest logit does it replace ``out``; otherwise :class:`VerificationError` and nothing is written.
-    ``inputs`` are the files ``out`` must not overwrite.
+    given (their accuracy both ways in the report).  Only when every max abs difference is within
+    :data:`TOLERANCE` of the largest logit does it replace ``out``; otherwise :class:`VerificationError` and
+    nothing is written.  ``inputs`` are the files ``out`` must not overwrite.
     """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
