@@ -11,6 +11,7 @@ Write: ``.safetensors`` with one metadata entry ``ttcompress`` holding JSON (:cl
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import hashlib
 import json
@@ -33,7 +34,10 @@ from ttcompress.tt import apply_tt_structure, tt_ranks
 
 FORMAT_VERSION = 1
 META_KEY = "ttcompress"
-_PREFIXES = ("module.", "_orig_mod.")
+_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")  # wrappers: DataParallel, torch.compile, Lightning
+_CONTAINERS = ("state_dict", "model", "model_state_dict", "net")
+_EMA_CONTAINERS = ("state_dict_ema", "model_ema")
+_EMA_HEADS = ("model_ema", "ema_model", "ema")
 
 
 @dataclass
@@ -228,30 +232,96 @@ def _first_line(text: str) -> str:
     return line[:160]
 
 
-def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(state)
-    for prefix in _PREFIXES:
-        if out and all(k.startswith(prefix) for k in out):
-            out = {k[len(prefix):]: v for k, v in out.items()}
-    return out
+def _wrapper_chain(keys: Sequence[str]) -> str:
+    """The wrapper prefixes (:data:`_PREFIXES`, e.g. ``model.module.``) that every key shares, outermost first."""
+    chain, keys = "", list(keys)
+    while keys and all("." in k for k in keys):
+        heads = {k.split(".", 1)[0] + "." for k in keys}
+        if len(heads) != 1 or not heads <= set(_PREFIXES):
+            break
+        head = heads.pop()
+        chain += head
+        keys = [k[len(head):] for k in keys]
+    return chain
 
 
-def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor] | None, nn.Module | None]:
-    """Find the state dict inside whatever ``torch.load`` returned; or the module, for a pickled nn.Module."""
+def _strip_prefixes(state: Mapping[str, Any], key_prefix: str | None = None, where: str = "") -> dict[str, Any]:
+    """The keys of ``state`` without their wrapper prefix.
+
+    ``key_prefix`` given: keep exactly the keys that start with it, stripped of it (``""`` keeps every key as it
+    is).  Otherwise guess: strip the wrappers every key shares (``module.`` of DataParallel, ``_orig_mod.`` of
+    torch.compile, ``model.`` / ``net.`` of a Lightning module); keys split between wrappers and EMA copies
+    (``model.`` and ``model_ema.``) are ambiguous and need ``key_prefix`` (``where``: the keys' own prefix in the
+    file, for the message).
+    """
+    if key_prefix is not None:
+        out = {k[len(key_prefix):]: v for k, v in state.items() if k.startswith(key_prefix)}
+        if not out:
+            heads = sorted({k.split(".", 1)[0] + "." for k in state})
+            raise CheckpointError(f"no key starts with --key-prefix {key_prefix!r}; the checkpoint's keys start with "
+                                  f"{', '.join(heads[:8])}{' …' if len(heads) > 8 else ''}")
+        return out
+    heads = sorted({k.split(".", 1)[0] for k in state})
+    if len(heads) > 1 and all(h + "." in _PREFIXES or h in _EMA_HEADS for h in heads):
+        choices = [f"{where}{h}.{_wrapper_chain([k[len(h) + 1:] for k in state if k.startswith(h + '.')])}"
+                   for h in heads]
+        raise CheckpointError(f"the checkpoint holds several weight sets ({', '.join(heads)}); choose one with "
+                              + " or ".join(f"--key-prefix {c}" for c in choices))
+    chain = _wrapper_chain(list(state))
+    return {k[len(chain):]: v for k, v in state.items()}
+
+
+def extract_state_dict(
+    obj: Any, key_prefix: str | None = None
+) -> tuple[dict[str, torch.Tensor] | None, nn.Module | None]:
+    """Find the state dict inside whatever ``torch.load`` returned; or the module, for a pickled nn.Module.
+
+    Without ``key_prefix`` the weights are looked for at the top level or under ``state_dict`` / ``model`` /
+    ``model_state_dict`` / ``net`` (a Lightning checkpoint, timm's ``checkpoint-N.pth.tar``, torchvision's reference
+    scripts), else under an EMA copy (``state_dict_ema`` / ``model_ema``); a file holding both the weights and their
+    EMA copy is ambiguous.  ``key_prefix`` addresses nested entries with dots, e.g. ``state_dict_ema.`` or
+    ``state_dict.model.`` (a Lightning module's ``self.model``).
+    """
     if isinstance(obj, nn.Module):
         return None, obj
+    if isinstance(obj, Mapping) and key_prefix is not None:
+        flat: dict[str, torch.Tensor] = {}
+        pending: list[tuple[str, Any]] = [("", obj)]
+        while pending:
+            head, node = pending.pop()
+            for k, v in node.items():
+                if isinstance(v, torch.Tensor):
+                    flat[f"{head}{k}"] = v
+                elif isinstance(v, Mapping):
+                    pending.append((f"{head}{k}.", v))
+        return _strip_prefixes(flat, key_prefix), None
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state_dict", "net"):
+        def weights(key: str) -> Any:
             inner = obj.get(key)
+            if isinstance(inner, nn.Module) or (
+                isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values())
+            ):
+                return inner
+            return None
+
+        plain = [k for k in _CONTAINERS if weights(k) is not None]
+        ema = [k for k in _EMA_CONTAINERS if weights(k) is not None]
+        if plain and ema:
+            choices = [f"{k}.{_wrapper_chain(list(obj[k]))}" for k in (plain[0], ema[0])
+                       if isinstance(obj[k], Mapping)]
+            raise CheckpointError(f"the checkpoint holds the weights ({plain[0]}) and an EMA copy ({ema[0]}); choose "
+                                  "one with " + " or ".join(f"--key-prefix {c}" for c in choices))
+        for key in plain + ema:
+            inner = weights(key)
             if isinstance(inner, nn.Module):
                 return None, inner
-            if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-                return _strip_prefixes({k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}), None
+            tensors = {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
+            return _strip_prefixes(tensors, where=f"{key}."), None
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors:
             return _strip_prefixes(tensors), None
     raise CheckpointError(
-        "no state dict found: expected tensors at the top level or under 'state_dict' / 'model'"
+        "no state dict found: expected tensors at the top level or under 'state_dict' / 'model' / 'state_dict_ema'"
     )
 
 
@@ -262,8 +332,9 @@ class RawCheckpoint:
     meta: ModelMeta | None
 
 
-def read(path: str | os.PathLike, *, trust_pickle: bool = False) -> RawCheckpoint:
-    """Read a checkpoint file into tensors (and ttcompress metadata when present)."""
+def read(path: str | os.PathLike, *, trust_pickle: bool = False, key_prefix: str | None = None) -> RawCheckpoint:
+    """Read a checkpoint file into tensors (and ttcompress metadata when present); ``key_prefix`` as in
+    :func:`extract_state_dict`."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"no such checkpoint file: {p}")
@@ -273,8 +344,11 @@ def read(path: str | os.PathLike, *, trust_pickle: bool = False) -> RawCheckpoin
         raise CheckpointError(f"{p} is empty")
     if _is_safetensors(p):
         tensors, meta = _read_safetensors(p)
-        return RawCheckpoint(_strip_prefixes(tensors), None, meta)
-    state, module = extract_state_dict(_torch_load(p, trust_pickle))
+        exact = "" if meta is not None and key_prefix is None else key_prefix  # our own files: keys as written
+        return RawCheckpoint(_strip_prefixes(tensors, exact), None, meta)
+    with torch.serialization.safe_globals([argparse.Namespace]):  # timm / torchvision scripts store their args
+        obj = _torch_load(p, trust_pickle)
+    state, module = extract_state_dict(obj, key_prefix)
     return RawCheckpoint(state, module, None)
 
 
@@ -357,12 +431,14 @@ def load(
     std: Sequence[float] | None = None,
     input_size: Sequence[int] | None = None,
     trust_pickle: bool = False,
+    key_prefix: str | None = None,
 ) -> LoadedModel:
     """Load any supported checkpoint as a :class:`LoadedModel` (network + normalisation + metadata).
 
-    ``arch`` is needed for foreign checkpoints and optional for ttcompress outputs (their metadata names it).
+    ``arch`` is needed for foreign checkpoints and optional for ttcompress outputs (their metadata names it);
+    ``key_prefix`` chooses the weights inside the file (:func:`extract_state_dict`).
     """
-    raw = read(path, trust_pickle=trust_pickle)
+    raw = read(path, trust_pickle=trust_pickle, key_prefix=key_prefix)
     if raw.module is not None:
         net = raw.module.float().eval()
         check_finite(net.state_dict())

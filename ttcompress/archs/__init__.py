@@ -201,11 +201,16 @@ def resolve(spec: str) -> ArchInfo:
         return REGISTRY[spec]
     if spec.startswith("torchvision:"):
         return _torchvision_info(spec, spec.split(":", 1)[1])
+    if spec.startswith("timm:"):
+        from ttcompress.archs.timm import timm_info
+
+        return timm_info(spec, spec.split(":", 1)[1])
     if ".py:" in spec:
         path, class_name = spec.rsplit(":", 1)
         return _file_info(spec, path, class_name)
     names = ", ".join(sorted(REGISTRY))
-    raise UserError(f"unknown architecture {spec!r}; use one of {names}, torchvision:NAME or path/to/file.py:Class")
+    raise UserError(f"unknown architecture {spec!r}; use one of {names}, torchvision:NAME, timm:NAME or "
+                    "path/to/file.py:Class")
 
 
 def build_net(info: ArchInfo, num_classes: int | None = None) -> nn.Module:

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from ttcompress.cli import app, handles_errors
-from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, arch_file, load_model
+from ttcompress.cli.common import ArchOpt, JsonOpt, KeyPrefixOpt, MeanOpt, StdOpt, TrustOpt, arch_file, load_model
 from ttcompress.errors import UserError
 from ttcompress.outputs import guard
 
@@ -25,6 +25,7 @@ def decompose(
     mean: Optional[str] = MeanOpt,
     std: Optional[str] = StdOpt,
     trust_pickle: bool = TrustOpt,
+    key_prefix: Optional[str] = KeyPrefixOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Replace every conv by a TT layer (1×1 → k×k core → 1×1) via truncated SVD.
@@ -38,7 +39,7 @@ def decompose(
     if (rank is None) == (energy is None):
         raise UserError("give exactly one of --rank R or --energy E")
     with guard([("-o", out)], inputs=[checkpoint, arch_file(arch)]):
-        loaded = load_model(checkpoint, arch, mean, std, trust_pickle)
+        loaded = load_model(checkpoint, arch, mean, std, trust_pickle, key_prefix=key_prefix)
         report = tt_decompose(loaded.net, rank=rank, energy=energy, skip=skip)
         ck.save(loaded, out, ck.history_entry("decompose", **ck.source_args(checkpoint, arch), rank=rank,
                                               energy=energy, skip=list(skip)))

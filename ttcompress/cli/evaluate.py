@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from ttcompress.cli import app, handles_errors
-from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, arch_file, load_model
+from ttcompress.cli.common import ArchOpt, JsonOpt, KeyPrefixOpt, MeanOpt, StdOpt, TrustOpt, arch_file, load_model
 from ttcompress.errors import UserError
 from ttcompress.evaluate import METRICS
 from ttcompress.metrics import ATTACK_NORMS, ATTACK_VERSIONS
@@ -97,6 +97,7 @@ def eval_command(
     mean: Optional[str] = MeanOpt,
     std: Optional[str] = StdOpt,
     trust_pickle: bool = TrustOpt,
+    key_prefix: Optional[str] = KeyPrefixOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Accuracy, calibration (ECE), CIFAR-10-C, AutoAttack, empirical Lipschitz and certified robust accuracy.
@@ -128,18 +129,20 @@ def eval_command(
     with guard(folders=[("--out", out, REPORT_FILES)],
                inputs=[checkpoint, arch_file(arch), cifar_c, data if Path(data).exists() else None]):
         _evaluate(checkpoint, data, metrics, split, n, batch_size, device, data_root, cifar_c, sev, names, norm,
-                  eps_value, attack_version, radius, cert_value, seed, out, arch, mean, std, trust_pickle, as_json)
+                  eps_value, attack_version, radius, cert_value, seed, out, arch, mean, std, trust_pickle, as_json,
+                  key_prefix)
 
 
 def _evaluate(checkpoint, data, metrics, split, n, batch_size, device, data_root, cifar_c, sev, names, norm, eps_value,
-              attack_version, radius, cert_value, seed, out, arch, mean, std, trust_pickle, as_json) -> None:
+              attack_version, radius, cert_value, seed, out, arch, mean, std, trust_pickle, as_json,
+              key_prefix) -> None:
     from ttcompress.data import check_compatible, load_split
     from ttcompress.device import pick_device
     from ttcompress.evaluate import evaluate
     from ttcompress.ui import RichProgress, err_console, print_json
 
     torch_device = pick_device(device)
-    loaded = load_model(checkpoint, arch, mean, std, trust_pickle)
+    loaded = load_model(checkpoint, arch, mean, std, trust_pickle, key_prefix=key_prefix)
     images = load_split(data, split, data_root)
     model = loaded.model.to(torch_device)
     check_compatible(images, model, torch_device)

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ttcompress.cli import app, handles_errors
-from ttcompress.cli.common import ArchOpt, JsonOpt
+from ttcompress.cli.common import ArchOpt, JsonOpt, KeyPrefixOpt
 from ttcompress.train.config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, DEVICES, OPTIMIZERS, FinetuneConfig
 
 
@@ -108,6 +108,7 @@ def finetune(
     resume: Optional[bool] = _opt("resume", "Continue from OUT.state.pt (same command, after a crash)."),
     tensorboard: Optional[bool] = _opt("tensorboard", "Also write TensorBoard events to OUT.tb/."),
     arch: Optional[str] = ArchOpt,
+    key_prefix: Optional[str] = KeyPrefixOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Train a (TT) model with cross-entropy + orthogonal loss under exact singular-value control.
@@ -127,7 +128,7 @@ def finetune(
 
     try:
         config = FinetuneConfig.from_recipe(settings.pop("recipe"), **settings)
-        loaded = load_model(checkpoint, config.arch, None, None, False)
+        loaded = load_model(checkpoint, config.arch, None, None, False, key_prefix=key_prefix)
         result = run_finetune(loaded, config, out_path=out, progress=RichProgress())
     except TTCompressError as exc:
         if not exc.settings:

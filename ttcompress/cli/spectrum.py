@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import typer
 
 from ttcompress.cli import app, handles_errors
-from ttcompress.cli.common import ArchOpt, JsonOpt, MeanOpt, StdOpt, TrustOpt, arch_file, load_model
+from ttcompress.cli.common import ArchOpt, JsonOpt, KeyPrefixOpt, MeanOpt, StdOpt, TrustOpt, arch_file, load_model
 from ttcompress.errors import UserError
 from ttcompress.outputs import guard
 
@@ -35,6 +35,7 @@ def spectrum(
     mean: Optional[str] = MeanOpt,
     std: Optional[str] = StdOpt,
     trust_pickle: bool = TrustOpt,
+    key_prefix: Optional[str] = KeyPrefixOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Exact singular values of every conv layer (periodic, strides included; TT layers via their core), and
@@ -67,18 +68,19 @@ def spectrum(
             raise UserError(f"{flag} needs the exact spectrum: add exact to --method (or use --all-methods)")
     with guard([("--values", values), ("--plot", plot)], inputs=[checkpoint, arch_file(arch)]):
         _spectrum(checkpoint, arch, input_size, values, plot, precision, methods, method or all_methods, top_k,
-                  gram_iters, mean, std, trust_pickle, as_json)
+                  gram_iters, mean, std, trust_pickle, as_json, key_prefix)
 
 
 def _spectrum(checkpoint, arch, input_size, values, plot, precision, methods, timed, top_k, gram_iters, mean, std,
-              trust_pickle, as_json) -> None:
+              trust_pickle, as_json, key_prefix) -> None:
     import torch
 
     from ttcompress.spectral.gram import DEFAULT_ITERS
     from ttcompress.spectral.methods import network_methods
     from ttcompress.ui import RichProgress, err_console, out_console, print_json, say, table
 
-    loaded = load_model(checkpoint, arch, mean, std, trust_pickle, list(input_size) if input_size else None)
+    loaded = load_model(checkpoint, arch, mean, std, trust_pickle, list(input_size) if input_size else None,
+                        key_prefix)
     results = network_methods(loaded.model, loaded.input_size, methods, net=loaded.net,
                               dtype=getattr(torch, precision), top_k=top_k,
                               gram_iters=DEFAULT_ITERS if gram_iters is None else gram_iters, progress=RichProgress())
