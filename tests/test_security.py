@@ -417,3 +417,16 @@ def test_finetune_refuses_a_second_writer(tmp_path, ft_inputs):
     with guard([("-o", out)], inputs=[]):
         one_line_exit_2(run(*finetune_args(model, data, out)), "another ttcompress run")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["decompose", "{ck}", "--energy", "nan", "-o", "{tmp}/o.safetensors"], "--energy"),
+    (["demo", "--clip-to", "nan", "--out", "{tmp}/d"], "--clip-to"),
+    (["demo", "--clip-to", "inf", "--out", "{tmp}/d"], "--clip-to"),
+])
+def test_non_finite_flags_of_every_command(tmp_path, r20_file, args, needle):
+    import ttcompress.cli.demo  # noqa: F401
+
+    res = run(*[a.format(ck=r20_file, tmp=tmp_path) for a in args])
+    one_line_exit_2(res, needle)
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "d").exists()

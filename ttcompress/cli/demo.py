@@ -34,8 +34,8 @@ def demo(
     from ttcompress.demo import DemoSettings, run_demo
     from ttcompress.ui import RichProgress, err_console, out_console, print_json, say, table
 
-    if steps <= 0 or attack_images <= 0 or clip_to <= 0 or (rank is not None and rank <= 0):
-        raise UserError("--steps, --rank, --clip-to and --attack-images must be positive")
+    if steps <= 0 or attack_images <= 0 or not 0 < clip_to < float("inf") or (rank is not None and rank <= 0):
+        raise UserError("--steps, --rank, --clip-to and --attack-images must be positive (and finite)")
     settings = DemoSettings(out_dir=out, device=device, steps=steps, rank=rank, clip_to=clip_to,
                             attack_images=attack_images)
     tell = (lambda m: None) if as_json else (lambda m: say(err_console, "•", m, "bold cyan"))
