@@ -67,7 +67,10 @@ class ControlMethod:
 
     @classmethod
     def check(cls, settings: Mapping[str, Any]) -> None:
-        """Refuse bad values of this method's settings (the default: bounds positive, integers at least 1)."""
+        """Refuse bad values of this method's settings (the default: bounds positive, integers at least 1, a bound
+        schedule that parses)."""
+        if "bound_schedule" in cls.settings:
+            check_schedule(settings)
         for key, default in cls.settings.items():
             value = settings.get(key, default)
             if value is None or isinstance(value, (bool, str)):

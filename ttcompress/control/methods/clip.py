@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ttcompress.control.base import ControlContext, ControlMethod, ScheduledBound, check_schedule, register
+from ttcompress.control.base import ControlContext, ControlMethod, ScheduledBound, register
 from ttcompress.control.layers import ControlledConv, Layers
 from ttcompress.control.report import BoundReport
 from ttcompress.spectral.periodic import clip as clip_kernel
@@ -71,11 +71,6 @@ class ClipConvs(ControlMethod):
                  schedule: str | None = None) -> None:
         self.convs, self.bound, self.every, self.ctx = convs, float(bound), int(every), ctx
         self.scheduled = ScheduledBound(self.bound, schedule, ctx)
-
-    @classmethod
-    def check(cls, settings: Mapping[str, Any]) -> None:
-        super().check(settings)
-        check_schedule(settings)
 
     @classmethod
     def build(cls, settings: Mapping[str, Any], layers: Layers, ctx: ControlContext) -> ClipConvs | None:

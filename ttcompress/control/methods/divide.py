@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ttcompress.control.base import ControlContext, ControlMethod, ScheduledBound, check_schedule, register
+from ttcompress.control.base import ControlContext, ControlMethod, ScheduledBound, register
 from ttcompress.control.layers import ControlledConv, Layers
 from ttcompress.control.methods.clip import verify_periodic
 from ttcompress.control.report import BoundReport
@@ -32,11 +32,6 @@ class DivideConvs(ControlMethod):
         self.convs, self.bound, self.verifies, self.ctx = convs, float(bound), verifies, ctx
         self.power = PowerIteration(seed=ctx.seed, iters=power_iters)
         self.scheduled = ScheduledBound(self.bound, schedule, ctx)
-
-    @classmethod
-    def check(cls, settings: Mapping[str, Any]) -> None:
-        super().check(settings)
-        check_schedule(settings)
 
     @classmethod
     def build(cls, settings: Mapping[str, Any], layers: Layers, ctx: ControlContext) -> DivideConvs | None:

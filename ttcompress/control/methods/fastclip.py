@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ttcompress.control.base import (BEFORE_RECALIBRATION, LAST, ControlContext, ControlMethod, ScheduledBound,
-                                    check_schedule, register)
+                                    register)
 from ttcompress.control.layers import ControlledConv, Layers
 from ttcompress.control.report import BoundReport
 from ttcompress.errors import SettingError, UserError
@@ -54,7 +54,6 @@ class FastClipConvs(ControlMethod):
     @classmethod
     def check(cls, settings: Mapping[str, Any]) -> None:
         super().check(settings)
-        check_schedule(settings)
         if settings.get("clip_with_bn") and settings.get("fastclip_to") is None:
             raise SettingError("clip_with_bn needs fastclip_to C (it clips the composition conv → BatchNorm)",
                                "clip_with_bn", "fastclip_to")
