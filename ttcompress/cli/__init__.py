@@ -89,4 +89,4 @@ def main() -> None:
     app()
 
 
-OPTIONAL_COMMANDS = ("init", "finetune", "evaluate", "demo")
+OPTIONAL_COMMANDS = ("init", "finetune", "evaluate", "demo", "sensitivity")
