@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 from ttcompress import archs
 from ttcompress.budget import allocate, budget_layers
@@ -19,6 +18,8 @@ from ttcompress.data import ImageSet
 from ttcompress.errors import UserError
 from ttcompress.macs import layer_sites, network_macs
 from ttcompress.tt import TTConv, decompose, tt_ranks
+from test_cli import r20, tiny_npz  # noqa: F401  (fixtures)
+from test_cli import run as cli_run
 
 
 def params(net: nn.Module) -> int:
@@ -26,14 +27,14 @@ def params(net: nn.Module) -> int:
 
 
 @pytest.fixture(scope="module")
-def r20():
+def r20_model():
     torch.manual_seed(0)
     return archs.build("resnet20")
 
 
 @pytest.mark.parametrize("metric,target", [("params", 2), ("params", 4), ("params", 8), ("macs", 2), ("macs", 4)])
-def test_targets_land_within_two_percent_and_the_prediction_is_exact(r20, metric, target):
-    model = copy.deepcopy(r20)
+def test_targets_land_within_two_percent_and_the_prediction_is_exact(r20_model, metric, target):
+    model = copy.deepcopy(r20_model)
     sites = layer_sites(model, (3, 32, 32), model.net)
     layers, reasons = budget_layers(model.net, sites)
     assert len(layers) == 19 and reasons == {}
@@ -48,11 +49,11 @@ def test_targets_land_within_two_percent_and_the_prediction_is_exact(r20, metric
     assert {n: tuple(r) for n, r in tt_ranks(model.net).items()} == alloc.ranks
 
 
-def test_unreachable_target_and_bad_values_are_one_line_user_errors(r20):
-    sites = layer_sites(r20, (3, 32, 32), r20.net)
-    layers, _ = budget_layers(r20.net, sites)
+def test_unreachable_target_and_bad_values_are_one_line_user_errors(r20_model):
+    sites = layer_sites(r20_model, (3, 32, 32), r20_model.net)
+    layers, _ = budget_layers(r20_model.net, sites)
     with pytest.raises(UserError, match=r"--target-ratio 1000 cannot be reached: .*ranks 1, 1.*×"):
-        allocate(layers, "params", 1000, params(r20.net))
+        allocate(layers, "params", 1000, params(r20_model.net))
     with pytest.raises(UserError, match="greater than 1"):
         allocate(layers, "macs", 0.5, 10**9)
     with pytest.raises(UserError, match="no conv can be decomposed"):
@@ -141,37 +142,15 @@ def test_compress_keep_faster_leaves_slow_layers_dense_and_still_meets_the_targe
     assert result.decomposition.params_after == params(model.net)
 
 
-runner = CliRunner()
-
-
 def run(*args):
-    import ttcompress.cli.decompose  # noqa: F401
     import ttcompress.cli.sensitivity  # noqa: F401
-    from ttcompress.cli import app
 
-    return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "r20.pt"
-    torch.save({"state_dict": archs.build("resnet20").net.state_dict()}, path)
-    return path
+    return cli_run(*args)
 
 
-@pytest.fixture
-def tiny_npz(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "tiny.npz"
-    np.savez(path, train_x=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), train_y=rng.integers(0, 10, 8),
-             test_x=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), test_y=rng.integers(0, 10, 8))
-    return path
-
-
-def test_decompose_target_json_contract(tmp_path, ckpt):
+def test_decompose_target_json_contract(tmp_path, r20):
     out = tmp_path / "o.safetensors"
-    res = run("decompose", ckpt, "--arch", "resnet20", "--target-macs", "3", "--max-rank", "24", "-o", out, "--json",
+    res = run("decompose", r20, "--arch", "resnet20", "--target-macs", "3", "--max-rank", "24", "-o", out, "--json",
               "--latency", "--repeats", "1")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -192,16 +171,16 @@ def test_decompose_target_json_contract(tmp_path, ckpt):
     (["--target-ratio", "500"], "cannot be reached"),
     (["--target-ratio", "1"], "greater than 1"),
 ])
-def test_decompose_target_user_errors(tmp_path, ckpt, extra, needle):
-    res = run("decompose", ckpt, "--arch", "resnet20", "-o", tmp_path / "o.safetensors", *extra)
+def test_decompose_target_user_errors(tmp_path, r20, extra, needle):
+    res = run("decompose", r20, "--arch", "resnet20", "-o", tmp_path / "o.safetensors", *extra)
     assert res.exit_code == 2, res.output
     assert needle in res.output and "Traceback" not in res.output
     assert len([line for line in res.output.strip().splitlines() if line.strip()]) == 1
 
 
-def test_sensitivity_json_and_plot(tmp_path, ckpt, tiny_npz):
+def test_sensitivity_json_and_plot(tmp_path, r20, tiny_npz):
     plot = tmp_path / "s.png"
-    res = run("sensitivity", ckpt, "--arch", "resnet20", "--data", tiny_npz, "--ranks", "4,32", "--n", "4",
+    res = run("sensitivity", r20, "--arch", "resnet20", "--data", tiny_npz, "--ranks", "4,32", "--n", "4",
               "--skip", "layer[12]*", "--json", "--plot", plot, "--device", "cpu")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -215,5 +194,5 @@ def test_sensitivity_json_and_plot(tmp_path, ckpt, tiny_npz):
     assert 0 < r["rel_error"] < 1 and r["output_change"] > 0 and 0 <= r["accuracy"] <= 1
     assert doc["skipped"]["layer1.0.conv1"] == "skipped by --skip"
     assert plot.read_bytes()[:4] == b"\x89PNG"
-    res = run("sensitivity", ckpt, "--arch", "resnet20", "--data", tiny_npz, "--plot", ckpt)
+    res = run("sensitivity", r20, "--arch", "resnet20", "--data", tiny_npz, "--plot", r20)
     assert res.exit_code == 2 and "over the input" in res.output
