@@ -195,3 +195,9 @@ def test_sensitivity_json_and_plot(tmp_path, r20, tiny_npz):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     res = run("sensitivity", r20, "--arch", "resnet20", "--data", tiny_npz, "--plot", r20)
     assert res.exit_code == 2 and "over the input" in res.output
+
+
+def test_help_shows_examples():
+    for cmd, needle in (("sensitivity", "Example: ttcompress sensitivity"), ("decompose", "--target-macs 4")):
+        res = run(cmd, "--help")
+        assert res.exit_code == 0 and needle in res.output

@@ -186,7 +186,7 @@ def allocate(layers: Sequence[LayerBudget], metric: str, target: float, cost_bef
         raise UserError(
             f"{flag} {target:g} cannot be reached: with every decomposable layer at its cheapest TT form "
             f"(ranks 1, 1) the model keeps {int(cheapest):,} {unit} (×{cost_before / cheapest:.2f}), "
-            f"{int(fixed):,} of them in layers that cannot be decomposed")
+            f"{int(fixed):,} of them outside the convs it can decompose")
 
     def solve(lam: float) -> dict[str, tuple[int, int] | None]:
         return {n: c.choose(lam) for n, c in cands.items()}
