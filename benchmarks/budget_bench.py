@@ -3,7 +3,7 @@
 
 Run from the repository root::
 
-    python benchmarks/budget_bench.py                 # everything (~10 min on 2 loaded CPU cores)
+    python benchmarks/budget_bench.py                 # everything (~25 min on the shared 2-core VM)
     python benchmarks/budget_bench.py --skip-accuracy # only the achieved ratios
 
 targets   ``decompose --target-ratio 2, 4, 8`` and ``--target-macs 2, 4`` (data-free allocation) on the shared

@@ -10,8 +10,8 @@ bounds the relative squared TT error, which TT-SVD and its refinement sweeps onl
 energy the TT form keeps if the two truncations act independently, so the total damage is ``−log`` of the product of
 the kept fractions over the network.  Relative errors make layers comparable (every conv here feeds a BatchNorm or
 a residual sum that does not care about the conv's own scale), and the logarithm makes near-total truncation of any
-one layer prohibitively expensive — on the shared ResNet-20 this beats both a plain sum of relative errors and one
-rank for all layers (README).  ``c_l`` is 1 without data; with calibration it is the
+one layer prohibitively expensive: on the shared ResNet-20 at ×2.6 fewer parameters (decomposition alone) it kept
+47 % test accuracy, where the plain sum of the relative squared errors kept 18 % and one rank for all layers 23 %.  ``c_l`` is 1 without data; with calibration it is the
 measured gain from that layer's weight error to the network's output (:mod:`ttcompress.sensitivity`), so a layer
 whose truncation barely moves the logits is cheaper to damage.  The allocation minimises ``Σ_l d_l`` subject to the
 whole-model cost (all parameters, or all conv + linear MACs) being ``before / target``: a Lagrangian sweep — every
