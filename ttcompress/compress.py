@@ -140,6 +140,8 @@ def compress(model: nn.Module, net: nn.Module, input_size: Sequence[int], settin
         cost_before = (sum(p.numel() for p in net.parameters()) if metric == "params" else sum(macs_before.values()))
         alloc, slow = _allocate(net, model, sites, s, cost_before, time_pair, progress)
         report = decompose(net, ranks=alloc.ranks, skip=s.skip)
+        for name in [n for n in timings if n not in alloc.ranks and n not in slow]:
+            del timings[name]  # timed in an earlier round of --keep-faster, dense in the final allocation
         reasons = {**alloc.dense, **slow}
         for entry in report.layers:
             if entry.name in reasons and entry.reason == "not chosen by the allocation":
