@@ -205,7 +205,7 @@ def allocate(layers: Sequence[LayerBudget], metric: str, target: float, cost_bef
                 hi, sol_hi = mid, sol
             if hi / lo < 1 + 1e-9:
                 break
-    options = [sol_lo, sol_hi, _step_down(sol_lo, by_name, metric, goal, total, max_rank),
+    options = [sol_lo, sol_hi, _step_down(sol_lo, by_name, metric, goal, total),
                _step_up(sol_hi, by_name, metric, goal, high, total, max_rank)]
     fitting = [s for s in options if low <= total(s) <= high]
     if not fitting:
@@ -219,7 +219,7 @@ def allocate(layers: Sequence[LayerBudget], metric: str, target: float, cost_bef
                       dense)
 
 
-def _step_down(state, layers, metric, goal, total, max_rank):
+def _step_down(state, layers, metric, goal, total):
     """Lower single ranks (least damage per unit of cost saved first) until the total is at most ``goal``."""
     state = dict(state)
     cost = total(state)
