@@ -5,19 +5,20 @@ parameters *and* MACs are both below the dense layer's.  Its damage is predicted
 
     d_l(r1, r2) = −c_l · (log(1 − a_l(r1)) + log(1 − b_l(r2))),   a_l(r1) = Σ_{i>r1} s_in,i² / ‖W_l‖²
 
-with ``a`` and ``b`` the fractions of the kernel's energy its input-mode and output-mode unfoldings discard (their sum
-bounds the relative squared TT error, which TT-SVD and its refinement sweeps only lower); ``(1 − a)(1 − b)`` is the
-energy the TT form keeps if the two truncations act independently, so the total damage is ``−log`` of the product of
-the kept fractions over the network.  Relative errors make layers comparable (every conv here feeds a BatchNorm or
-a residual sum that does not care about the conv's own scale), and the logarithm makes near-total truncation of any
-one layer prohibitively expensive: on the shared ResNet-20 at ×2.6 fewer parameters (decomposition alone) it kept
-47 % test accuracy, where the plain sum of the relative squared errors kept 18 % and one rank for all layers 23 %.  ``c_l`` is 1 without data; with calibration it is the
-measured gain from that layer's weight error to the network's output (:mod:`ttcompress.sensitivity`), so a layer
-whose truncation barely moves the logits is cheaper to damage.  The allocation minimises ``Σ_l d_l`` subject to the
+with ``a`` and ``b`` the fractions of the kernel's energy its input-mode and output-mode unfoldings discard (their
+sum bounds the relative squared TT error, which TT-SVD and its refinement sweeps only lower); ``(1 − a)(1 − b)`` is
+the energy the TT form keeps if the two truncations act independently, so the total damage is ``−log`` of the
+product of the kept fractions over the network. Relative errors make layers comparable (every conv here feeds a
+BatchNorm or a residual sum that does not care about the conv's own scale), and the logarithm makes near-total
+truncation of any one layer prohibitively expensive: on the shared ResNet-20 at ×2.6 fewer parameters (decomposition
+alone) it kept 47 % test accuracy, where the plain sum of the relative squared errors kept 18 % and one rank for all
+layers 23 %. ``c_l`` is 1 without data; with calibration it is the measured gain from that layer's predicted damage
+to the network's output, normalised and shrunk half-way to 1 (:func:`ttcompress.sensitivity.calibrate`), so a layer
+whose truncation barely moves the logits is cheaper to damage. The allocation minimises ``Σ_l d_l`` subject to the
 whole-model cost (all parameters, or all conv + linear MACs) being ``before / target``: a Lagrangian sweep — every
 layer independently picks the option minimising ``d_l + λ·cost_l``, λ bisected until the total crosses the target —
 then single rank steps (one r1 or r2 up or down where that costs the least damage per parameter/MAC) close the gap
-left by the option that switched at the crossing.  The result lands within ``tolerance`` of the target or the call
+left by the option that switched at the crossing. The result lands within ``tolerance`` of the target or the call
 says, in one line, why it cannot.
 """
 
