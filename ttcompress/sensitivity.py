@@ -138,10 +138,10 @@ def calibrate(model: nn.Module, net: nn.Module, layers: Sequence[LayerBudget], i
     """Set each layer's ``weight`` (c_l of :mod:`ttcompress.budget`) from one measurement at its ranks in ``at``
     (the data-free allocation for the same target; half its channels where that keeps it dense): with the gain
     ``g_l = output change / predicted damage``, ``c_l = ½ + ½·g_l / mean(g)`` — the measured gains, normalised,
-    shrunk half-way to the data-free prior (every layer alike).  The gains spread about 60× on ResNet-20, and one
-    layer truncated alone overstates how far the others can be pushed when all are truncated together: the raw
-    gain lost accuracy against no calibration there, the shrunk one gained at every ratio tried.  Returns the
-    measurement."""
+    shrunk half-way to the data-free prior (every layer alike). The gains spread over more than an order of
+    magnitude on ResNet-20, and one layer truncated alone overstates how far the others can be pushed when all
+    are truncated together: the raw gain lost accuracy against no calibration there, the shrunk one gained at
+    every ratio tried. Returns the measurement."""
     plan = {l.name: [tuple(at[l.name]) if l.name in at else (max(1, min(l.cin, l.cout) // 2),) * 2]
             for l in layers}
     report = measure(model, net, images, plan, {l.name: l.site for l in layers}, batch_size=batch_size,
