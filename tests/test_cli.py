@@ -37,7 +37,8 @@ def test_decompose_json_contract(tmp_path, r20):
     res = run("decompose", r20, "--arch", "resnet20", "--rank", "8", "-o", out, "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert set(doc) == {"layers", "params_before", "params_after", "compression"}
+    assert set(doc) == {"layers", "params_before", "params_after", "compression", "macs_before", "macs_after",
+                        "macs_ratio", "target"} and doc["target"] is None
     layer = {l["name"]: l for l in doc["layers"]}["layer2.0.conv1"]
     assert {"name", "shape", "ranks", "rel_error", "params_before", "params_after"} <= set(layer)
     assert layer["shape"] == [32, 16, 3, 3] and layer["ranks"] == [8, 8]

@@ -1,14 +1,37 @@
-"""Files a person reads: per-layer singular values (.npz) and spectrum plots (.png)."""
+"""What a person reads: per-layer singular values (.npz), spectrum and sensitivity plots (.png), the decompose
+report (parameters, MACs, target, latency)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ttcompress.checkpoint import atomic_write
-from ttcompress.spectral.network import LayerSpectrum
+from ttcompress.tt import DecomposeReport
+
+if TYPE_CHECKING:
+    from ttcompress.sensitivity import SensitivityReport
+    from ttcompress.spectral.network import LayerSpectrum
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: str | Path) -> Path:
+    plt = _pyplot()
+    target = Path(path)
+    atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return target
 
 
 def write_values(layers: Sequence[LayerSpectrum], path: str | Path) -> Path:
@@ -24,11 +47,7 @@ def write_values(layers: Sequence[LayerSpectrum], path: str | Path) -> Path:
 def plot_spectra(layers: Sequence[LayerSpectrum], path: str | Path, title: str = "",
                  compare: Sequence[LayerSpectrum] | None = None, labels: tuple[str, str] = ("before", "after")) -> Path:
     """Left: σmax per layer (bars; ``compare`` drawn beside). Right: each layer's sorted spectrum on a log axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (ax_bar, ax_sp) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1.2, 1]})
     names = [l.name for l in layers]
     x = np.arange(len(layers))
@@ -60,7 +79,67 @@ def plot_spectra(layers: Sequence[LayerSpectrum], path: str | Path, title: str =
     ax_sp.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    target = Path(path)
-    atomic_write(target, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return target
+    return _save_png(fig, path)
+
+
+def plot_sensitivity(report: SensitivityReport, path: str | Path, title: str = "") -> Path:
+    """Accuracy drop (percentage points, against the dense network) vs rank, one line per layer; ranks chosen per
+    layer are plotted at r1."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    names = list(dict.fromkeys(r.layer for r in report.rows))
+    cmap = plt.get_cmap("viridis")
+    for i, name in enumerate(names):
+        rows = sorted((r for r in report.rows if r.layer == name), key=lambda r: r.ranks[0])
+        x = [r.rank if r.rank is not None else r.ranks[0] for r in rows]
+        ax.plot(x, [100 * (report.accuracy - r.accuracy) for r in rows], marker="o", ms=3, lw=1,
+                color=cmap(i / max(len(names) - 1, 1)), label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("TT rank (only this layer decomposed)")
+    ax.set_ylabel(f"accuracy drop (points; dense {100 * report.accuracy:.1f} %, n = {report.n})")
+    ax.set_title(title or "sensitivity per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2 if len(names) > 12 else 1, loc="upper right")
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+# --- decompose -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class CompressionReport:
+    """What ``ttcompress decompose`` did: the per-layer decomposition plus MACs, the target and measured latency."""
+
+    decomposition: DecomposeReport
+    layer_macs_before: dict[str, int]  # every conv, TT and linear layer the forward pass reaches
+    layer_macs_after: dict[str, int]
+    target: dict | None = None  # what was asked ({"metric", "ratio", "max_rank", "calibrate", ...}) or None
+    layer_latency: dict[str, tuple[float | None, float | None]] | None = None  # (dense ms, TT ms)
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+
+    @property
+    def macs_before(self) -> int:
+        return sum(self.layer_macs_before.values())
+
+    @property
+    def macs_after(self) -> int:
+        return sum(self.layer_macs_after.values())
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_before / max(self.macs_after, 1)
+
+    def to_json(self) -> dict:
+        doc = self.decomposition.to_json()
+        for layer in doc["layers"]:
+            layer["macs_before"] = self.layer_macs_before.get(layer["name"], 0)
+            layer["macs_after"] = self.layer_macs_after.get(layer["name"], 0)
+            if self.layer_latency is not None:
+                dense, tt = self.layer_latency.get(layer["name"], (None, None))
+                layer["latency_dense_ms"], layer["latency_tt_ms"] = dense, tt
+        doc.update(macs_before=self.macs_before, macs_after=self.macs_after, macs_ratio=self.macs_ratio,
+                   target=self.target)
+        if self.layer_latency is not None:
+            doc.update(latency_before_ms=self.latency_before_ms, latency_after_ms=self.latency_after_ms)
+        return doc

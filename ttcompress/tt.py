@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -244,7 +244,8 @@ class TTFactors:
 
 
 def tt_svd(
-    weight: torch.Tensor, rank: int | None = None, energy: float | None = None, refine: int = 2
+    weight: torch.Tensor, rank: int | None = None, energy: float | None = None, refine: int = 2,
+    ranks: tuple[int, int] | None = None,
 ) -> TTFactors:
     """TT-SVD of one kernel, then ``refine`` alternating sweeps (HOOI) that can only lower the error.
 
@@ -253,25 +254,46 @@ def tt_svd(
     Step 2: SVD of the (r1·∏k) × Cout unfolding of the remainder → ``last`` = top-r2 right singular vectors.
     The TT-SVD result already has the optimal core for its frames (it is ``W ×_in FᵀF ×_out LLᵀ``), so each sweep
     (best frame given the other) never increases ‖W − W_tt‖.  Computed in float64.
+    ``ranks = (r1, r2)`` fixes both ranks separately (capped at Cin and Cout) instead of ``rank`` / ``energy``.
     """
-    if (rank is None) == (energy is None):
+    if sum(v is not None for v in (rank, energy, ranks)) != 1:
         raise UserError("give exactly one of --rank and --energy")
     w = weight.detach().double()
     if w.ndim < 3:
         raise ValueError(f"expected a (Cout, Cin, *k) kernel, got shape {tuple(w.shape)}")
     cout, cin = w.shape[:2]
     u1, s1 = _left_singular(K.unfold_input(w))
-    r1 = min(rank, cin) if rank is not None else _rank_for_energy(s1, energy)  # type: ignore[arg-type]
+    if ranks is not None:
+        r1 = min(ranks[0], cin)
+    else:
+        r1 = min(rank, cin) if rank is not None else _rank_for_energy(s1, energy)  # type: ignore[arg-type]
     first = u1[:, :r1].T.contiguous()
     remainder = K.apply_input_frame(w, first)  # (Cout, r1, *k)
     u2, s2 = _left_singular(K.unfold_output(remainder))  # right singular vectors of the (r1·∏k) × Cout one
-    r2 = min(rank, cout) if rank is not None else _rank_for_energy(s2, energy)  # type: ignore[arg-type]
+    if ranks is not None:
+        r2 = min(ranks[1], cout)
+    else:
+        r2 = min(rank, cout) if rank is not None else _rank_for_energy(s2, energy)  # type: ignore[arg-type]
     last = u2[:, :r2].contiguous()
     for _ in range(refine):
         first = _left_singular(K.unfold_input(K.apply_output_frame(w, last.T)))[0][:, :r1].T.contiguous()
         last = _left_singular(K.unfold_output(K.apply_input_frame(w, first)))[0][:, :r2].contiguous()
     core = K.apply_output_frame(K.apply_input_frame(w, first), last.T)
     return TTFactors(first, core, last)
+
+
+def unfolding_energies(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared singular values (descending, float64) of a kernel's input-mode (Cin × ∏k·Cout) and output-mode
+    (Cout × Cin·∏k) unfoldings: what truncating r1 and r2 discards (the HOSVD bound
+    ‖W − W_tt‖² ≤ Σ_{i>r1} s_in,i² + Σ_{j>r2} s_out,j²)."""
+    w = weight.detach().double()
+    return _left_singular(K.unfold_input(w))[1], _left_singular(K.unfold_output(w))[1]
+
+
+def relative_error(factors: TTFactors, weight: torch.Tensor) -> float:
+    """‖W_tt − W‖_F / ‖W‖_F in float64."""
+    w = weight.detach().double()
+    return float(torch.linalg.norm(factors.dense() - w) / torch.linalg.norm(w).clamp_min(1e-300))
 
 
 def tt_params(cin: int, cout: int, kernel_size: Iterable[int], ranks: tuple[int, int], bias: bool) -> int:
@@ -297,7 +319,7 @@ def conv_layers(net: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -339,18 +361,36 @@ class DecomposeReport:
         }
 
 
-def tt_from_conv(conv: nn.Module, factors: TTFactors) -> TTConv:
-    """The TT layer of the same dimension as ``conv`` (an ``nn.Conv1d/2d/3d``) with the given factors and its bias."""
-    layer = tt_class(K.spatial_dims(conv))(
-        conv.in_channels, conv.out_channels, conv.kernel_size, factors.ranks, stride=conv.stride,
+def tt_like(conv: nn.Module, ranks: tuple[int, int]) -> TTConv:
+    """An (uninitialised) TT layer of these ranks with the geometry of ``conv`` (an ``nn.Conv1d/2d/3d``), on the
+    conv's device and dtype."""
+    return tt_class(K.spatial_dims(conv))(
+        conv.in_channels, conv.out_channels, conv.kernel_size, tuple(ranks), stride=conv.stride,
         padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+
+def tt_from_conv(conv: nn.Module, factors: TTFactors) -> TTConv:
+    """The TT layer of the same dimension as ``conv`` (an ``nn.Conv1d/2d/3d``) with the given factors and its bias."""
+    layer = tt_like(conv, factors.ranks)
     with torch.no_grad():
         layer.set_factors(*(t.to(conv.weight.dtype) for t in (factors.first, factors.core, factors.last)))
         if conv.bias is not None:
             layer.last.bias.copy_(conv.bias)
     layer.train(conv.training)
     return layer
+
+
+def dense_reason(name: str, conv: nn.Module, skip: Iterable[str] = ()) -> str | None:
+    """Why a layer of :func:`conv_layers` cannot be decomposed at any rank ("already TT", "skipped by --skip",
+    grouped), or None when it can."""
+    if isinstance(conv, TTConv):
+        return "already TT"
+    if any(fnmatch.fnmatchcase(name, p) for p in skip):
+        return "skipped by --skip"
+    if conv.groups != 1:
+        return f"grouped conv (groups={conv.groups})"
+    return None
 
 
 def decompose(
@@ -360,17 +400,24 @@ def decompose(
     energy: float | None = None,
     skip: Iterable[str] = (),
     refine: int = 2,
+    ranks: Mapping[str, tuple[int, int]] | None = None,
 ) -> DecomposeReport:
     """Replace, in place, every groups=1 ``nn.Conv1d/2d/3d`` of ``net`` that TT would shrink by the TT layer of the
     same dimension (:class:`TTConv1d`, :class:`TTConv2d`, :class:`TTConv3d`).
 
     ``rank`` caps r1 ≤ min(rank, Cin), r2 ≤ min(rank, Cout); ``energy`` keeps that fraction of the squared singular
-    values of each unfolding.  ``skip`` holds glob patterns of module names to leave dense.
+    values of each unfolding; ``ranks`` maps layer names to their own ``(r1, r2)`` (a plan such as
+    :func:`ttcompress.budget.allocate` makes) and leaves every other layer dense.  ``skip`` holds glob patterns of
+    module names to leave dense.
     """
+    if sum(v is not None for v in (rank, energy, ranks)) != 1:
+        raise UserError("give exactly one of --rank and --energy")
     if rank is not None and rank <= 0:
         raise UserError(f"--rank must be a positive integer, got {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise UserError(f"--energy must be in (0, 1], got {energy}")
+    if ranks is not None and any(min(r) <= 0 for r in ranks.values()):
+        raise UserError("every per-layer rank must be a positive integer")
     patterns = list(skip)
     report = DecomposeReport()
     report.params_before = sum(p.numel() for p in net.parameters())
@@ -380,24 +427,23 @@ def decompose(
         entry = LayerReport(name, [cout, cin, *size], None, 0.0, params, params)
         report.layers.append(entry)
         if isinstance(conv, TTConv):
-            entry.ranks, entry.reason = list(conv.ranks), "already TT"
+            entry.ranks = list(conv.ranks)
+        entry.reason = dense_reason(name, conv, patterns)
+        if entry.reason is not None:
             continue
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            entry.reason = "skipped by --skip"
+        if ranks is not None and name not in ranks:
+            entry.reason = "not chosen by the allocation"
             continue
-        if conv.groups != 1:
-            entry.reason = f"grouped conv (groups={conv.groups})"
-            continue
-        factors = tt_svd(conv.weight, rank=rank, energy=energy, refine=refine)
+        planned = None if ranks is None else tuple(ranks[name])
+        factors = tt_svd(conv.weight, rank=rank, energy=energy, refine=refine, ranks=planned)
         after = tt_params(cin, cout, size, factors.ranks, conv.bias is not None)
         if after >= params:
             entry.reason = f"ranks {list(factors.ranks)} would not shrink it"
             continue
-        w = conv.weight.detach().double()
         entry.ranks = list(factors.ranks)
-        entry.rel_error = float(torch.linalg.norm(factors.dense() - w) / torch.linalg.norm(w).clamp_min(1e-300))
+        entry.rel_error = relative_error(factors, conv.weight)
         entry.params_after = after
-        _set_module(net, name, tt_from_conv(conv, factors))
+        set_module(net, name, tt_from_conv(conv, factors))
     report.params_after = sum(p.numel() for p in net.parameters())
     return report
 
@@ -418,7 +464,4 @@ def apply_tt_structure(net: nn.Module, ranks: dict[str, list[int]]) -> None:
             raise UserError(f"metadata names TT layer {name!r}, which the architecture does not have") from exc
         if not isinstance(conv, DENSE_CONVS):
             raise UserError(f"metadata names TT layer {name!r}, which is not a Conv1d/2d/3d in the architecture")
-        layer = tt_class(K.spatial_dims(conv))(conv.in_channels, conv.out_channels, conv.kernel_size, (r1, r2), stride=conv.stride,
-                         padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
-                         padding_mode=conv.padding_mode)
-        _set_module(net, name, layer)
+        set_module(net, name, tt_like(conv, (r1, r2)))

@@ -118,4 +118,4 @@ def main() -> None:
     app()
 
 
-OPTIONAL_COMMANDS = ("init", "finetune", "evaluate", "demo", "export", "archs")
+OPTIONAL_COMMANDS = ("init", "finetune", "evaluate", "demo", "export", "archs", "sensitivity")
