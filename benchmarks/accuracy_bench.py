@@ -54,6 +54,14 @@ CLIP_ROWS = {
     "divide 1, KD, final rescale": dict(lr=0.003, kd_alpha=3.0, teacher=True, divide_to=1.0,
                                         final_reprojections=0),
 }
+# the recipe compress-short (KD α=1, lr 0.003, final rescale) on the per-layer allocation of the same ratio
+ALLOCATED_ROWS = {
+    "allocated, KD α=1, lr 0.003": dict(allocate=True, lr=0.003, kd_alpha=1.0, teacher=True),
+    "allocated, clip 1, KD α=1, lr 0.003, final rescale": dict(allocate=True, lr=0.003, kd_alpha=1.0, teacher=True,
+                                                             clip_to=1.0, final_reprojections=0),
+    "clip 1, KD α=1, lr 0.003, final rescale": dict(lr=0.003, kd_alpha=1.0, teacher=True, clip_to=1.0,
+                                                  final_reprojections=0),
+}
 
 
 def measure(ratio: str, name: str, settings: dict, original, device: str, epochs: int, steps: int | None) -> dict:
@@ -62,9 +70,16 @@ def measure(ratio: str, name: str, settings: dict, original, device: str, epochs
 
     torch.manual_seed(0)
     student = copy.deepcopy(original)
-    report = decompose(student.net, rank=RANKS[ratio])
     settings = dict(settings)
     teacher = settings.pop("teacher", False)
+    if settings.pop("allocate", False):  # per-layer ranks for the parameter ratio the single rank gives (issue 14)
+        from ttcompress.compress import CompressSettings, compress
+
+        single = decompose(copy.deepcopy(original).net, rank=RANKS[ratio]).compression
+        report = compress(student.model, student.net, student.input_size,
+                          CompressSettings(target_ratio=single)).decomposition
+    else:
+        report = decompose(student.net, rank=RANKS[ratio])
     config = FinetuneConfig.from_recipe(
         None, data=str(DATA), **(dict(steps=steps) if steps else dict(epochs=epochs)), device=device, seed=0,
         **(dict(teacher=str(MODEL), teacher_arch="resnet20") if teacher else {}), **settings)
@@ -119,7 +134,7 @@ def main() -> None:
     wanted = [w.strip() for w in args.rows.split(",")] if args.rows else None
     rows = []
     for ratio in args.only or list(RANKS):
-        for name, settings in {**ROWS, **CLIP_ROWS}.items():
+        for name, settings in {**ROWS, **CLIP_ROWS, **ALLOCATED_ROWS}.items():
             if wanted and not any(w in name for w in wanted):
                 continue
             rows.append(measure(ratio, name, settings, original, args.device, args.epochs, args.steps))

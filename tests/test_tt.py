@@ -164,3 +164,25 @@ def test_conv_layers_and_tt_structure_in_every_dimension():
     fresh.load_state_dict(net.state_dict())
     with pytest.raises(UserError, match="not a Conv1d/2d/3d"):
         apply_tt_structure(build(), {"fc": [1, 1]})
+
+
+def test_conv_subclasses_with_their_own_forward_stay_dense():
+    """A subclass of nn.Conv2d may compute something else (timm's Conv2dSame pads itself, StdConv2d standardises its
+    weight): decomposing its raw weight would silently change the network, so it stays dense and says why."""
+    import torch.nn.functional as F
+
+    class StdConv(nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(StdConv(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1))
+    x = torch.randn(2, 16, 8, 8)
+    first = net[0](x)
+    report = decompose(net, rank=4)
+    reasons = {l.name: l.reason for l in report.layers}
+    assert "custom conv class StdConv" in reasons["0"] and isinstance(net[0], StdConv)
+    assert isinstance(net[1], TTConv2d)
+    assert torch.equal(net[0](x), first)  # the layer computes what it computed

@@ -390,6 +390,8 @@ def dense_reason(name: str, conv: nn.Module, skip: Iterable[str] = ()) -> str | 
         return "skipped by --skip"
     if conv.groups != 1:
         return f"grouped conv (groups={conv.groups})"
+    if type(conv) not in DENSE_CONVS:  # e.g. timm's Conv2dSame (own padding), StdConv2d (standardised weights)
+        return f"custom conv class {type(conv).__name__} (it may compute more than a plain conv)"
     return None
 
 
