@@ -156,7 +156,7 @@ def test_shipped_recipes_parse():
     assert (vgg.optimizer, vgg.lr, vgg.epochs, vgg.divide_to, vgg.bn_to, vgg.linear_to) == ("adam", 1e-4, 140, 1.5, 8.0, 1.5)
     assert by_name["vgg19-cifar100-clip0.5"].clip_to == 0.5
     short = by_name["compress-short"]
-    assert (short.teacher, short.kd_alpha, short.epochs, short.final_reprojections) == ("auto", 3.0, 5, 0)
+    assert (short.teacher, short.kd_alpha, short.epochs, short.final_reprojections) == ("auto", 1.0, 5, 0)
     assert FinetuneConfig.from_recipe("wrn16-10-cifar10-clip2").clip_to == 2.0  # a bare name finds the shipped one
     with pytest.raises(UserError, match="not found.*shipped recipes"):
         FinetuneConfig.from_recipe("no-such-recipe")
