@@ -9,6 +9,7 @@ Every row reports the test accuracy after decomposition, after the finetune, and
 
     python benchmarks/accuracy_bench.py                 # all rows (CPU: about an hour; --device cuda: minutes)
     python benchmarks/accuracy_bench.py --only x2.5 --device cuda
+    python benchmarks/accuracy_bench.py --rows "allocated;KD α=1, lr 0.003, final"
     python benchmarks/accuracy_bench.py --markdown benchmarks/results/accuracy_bench.json
 
 Goals (issue 15): ×2.5 ≥ 90 %, with clip_to 1 ≥ 88 %; ×5 ≥ 87 %, with clip_to 1 ≥ 85 %.
@@ -114,7 +115,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=None, help="run this many steps instead (a smoke test)")
     parser.add_argument("--only", choices=sorted(RANKS), action="append", help="compression(s) to run")
-    parser.add_argument("--rows", default=None, help="comma-separated substrings: run only matching rows")
+    parser.add_argument("--rows", default=None, help="';'-separated substrings: run only the rows whose name "
+                        "contains one (row names hold commas)")
     parser.add_argument("--out", default=str(HERE / "results" / "accuracy_bench.json"))
     parser.add_argument("--markdown", metavar="RESULTS", help="print a results file as a markdown table and exit")
     args = parser.parse_args()
@@ -131,7 +133,7 @@ def main() -> None:
     test = load_split(str(DATA), "test")
     orig_acc = accuracy(original.model.to(args.device), test, torch.device(args.device), 256, None, "")
     original.model.to("cpu")
-    wanted = [w.strip() for w in args.rows.split(",")] if args.rows else None
+    wanted = [w.strip() for w in args.rows.split(";") if w.strip()] if args.rows else None
     rows = []
     for ratio in args.only or list(RANKS):
         for name, settings in {**ROWS, **CLIP_ROWS, **ALLOCATED_ROWS}.items():

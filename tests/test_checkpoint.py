@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from ttcompress import archs
-from ttcompress.checkpoint import ModelMeta, check_output_path, history_entry, load, read, save
+from ttcompress.checkpoint import ModelMeta, history_entry, load, read, save
+from ttcompress.outputs import check_output_path
 from ttcompress.errors import CheckpointError, UserError
 from ttcompress.tt import TTConv2d, decompose
 

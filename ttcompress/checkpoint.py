@@ -29,7 +29,7 @@ from torch import nn
 
 from ttcompress import archs
 from ttcompress.errors import CheckpointError, UserError
-from ttcompress.outputs import atomic_write, check_output_path  # noqa: F401  (re-exported: ck.atomic_write)
+from ttcompress.outputs import atomic_write
 from ttcompress.tt import apply_tt_structure, tt_ranks
 
 FORMAT_VERSION = 1

@@ -181,7 +181,8 @@ def _run_demo(settings: DemoSettings, paths: dict[str, Path], progress: Progress
     )
     import json
 
+    from ttcompress.outputs import write_text
     from ttcompress.ui import sanitize
 
-    ck.atomic_write(paths["summary"], lambda tmp: Path(tmp).write_text(json.dumps(sanitize(result_doc.to_json()), indent=2)))
+    write_text(paths["summary"], json.dumps(sanitize(result_doc.to_json()), indent=2))
     return result_doc

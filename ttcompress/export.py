@@ -30,10 +30,11 @@ from torch import nn
 
 from ttcompress import archs
 from ttcompress import kernel as K
-from ttcompress.checkpoint import LoadedModel, atomic_write, check_output_path
+from ttcompress.checkpoint import LoadedModel
 from ttcompress.data import ImageSet
 from ttcompress.errors import TTCompressError, UserError
-from ttcompress.tt import TTConv, _set_module, apply_tt_structure, conv_layers, effective_factors
+from ttcompress.outputs import atomic_write, check_output_path
+from ttcompress.tt import TTConv, apply_tt_structure, conv_layers, effective_factors, set_module
 
 FORMATS = ("state-dict", "torchscript", "onnx")
 ONNX_OPSET = 17  # LayerNorm as one op (timm ConvNeXt); onnxruntime ≥ 1.11, TensorRT, OpenVINO, ONNX.js support it
@@ -95,7 +96,7 @@ def portable_net(net: nn.Module, dense: bool) -> nn.Module:
     out = copy.deepcopy(net)
     for name, layer in list(conv_layers(out)):
         if isinstance(layer, TTConv):
-            _set_module(out, name, dense_conv(layer) if dense else nn.Sequential(layer.first, layer.core, layer.last))
+            set_module(out, name, dense_conv(layer) if dense else nn.Sequential(layer.first, layer.core, layer.last))
     return out
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ttcompress.checkpoint import atomic_write
+from ttcompress.outputs import atomic_write
 from ttcompress.tt import DecomposeReport
 
 if TYPE_CHECKING:

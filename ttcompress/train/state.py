@@ -33,6 +33,7 @@ from torch import nn
 from ttcompress import checkpoint as ck
 from ttcompress.control import Controller
 from ttcompress.errors import DivergenceError, UserError
+from ttcompress.outputs import atomic_write
 
 __all__ = ["LOG_COLUMNS", "STATE_FORMAT", "CsvLog", "RunFiles", "RunState", "check_state", "run_paths"]
 
@@ -110,7 +111,7 @@ class RunFiles:
 
     def write_state(self, state: dict) -> None:
         if self.writes:
-            ck.atomic_write(self.paths["state"], lambda tmp: torch.save(state, tmp))
+            atomic_write(self.paths["state"], lambda tmp: torch.save(state, tmp))
 
     def open_log(self, start_step: int, columns: tuple[str, ...]) -> CsvLog | None:
         return CsvLog(self.paths["log"], start_step, columns) if self.writes else None
