@@ -86,7 +86,7 @@ def measure(ratio: str, name: str, settings: dict, original, device: str, epochs
         **(dict(teacher=str(MODEL), teacher_arch="resnet20") if teacher else {}), **settings)
     start = time.perf_counter()
     result = finetune(student, config)
-    return {"ratio": ratio, "row": name, "rank": RANKS[ratio], "compression": report.compression,
+    return {"ratio": ratio, "row": name, "rank": RANKS[ratio],  # allocated rows: the single rank whose ratio they match "compression": report.compression,
             "decomposed": result.test_accuracy_before, "finetuned": result.test_accuracy,
             "max_sigma_ratio": result.max_ratio, "clipped": result.max_ratio is not None,
             "rescaled": sum(1 for b in result.bounds if b.rescale is not None),
@@ -104,7 +104,8 @@ def markdown(doc: dict) -> str:
         goal = GOALS[(r["ratio"], r["clipped"])]
         mark = "✓" if r["finetuned"] >= goal else "✗"
         sig = "—" if r["max_sigma_ratio"] is None else f"{r['max_sigma_ratio']:.4f}"
-        lines.append(f"| ×{r['compression']:.2f} (rank {r['rank']}) | {r['row']} | {100 * r['decomposed']:.1f} % | "
+        how = "per-layer ranks" if r["row"].startswith("allocated") else f"rank {r['rank']}"
+        lines.append(f"| ×{r['compression']:.2f} ({how}) | {r['row']} | {100 * r['decomposed']:.1f} % | "
                      f"**{100 * r['finetuned']:.1f} %** | ≥ {100 * goal:.0f} % {mark} | {sig} | {r['seconds']:.0f} s |")
     return "\n".join(lines)
 

@@ -641,3 +641,15 @@ def test_gram_weight_regularises_and_is_logged(tiny):
                                                  rel=1e-4)
     assert float(rows[0]["gram"]) == pytest.approx(start, rel=1e-4)
     assert "gram" not in runs[0.0][1][0]  # the column only with the penalty
+
+
+def test_verification_note_says_what_the_final_verification_did():
+    from ttcompress.control.report import BoundReport
+    from ttcompress.train.finalize import verification_note
+
+    rescaled = BoundReport("a", "tt", 1.0, 2.0, 1.0)
+    rescaled.rescale = 0.5
+    assert verification_note([rescaled], False).endswith("(up to 2); rescaled (down to ×0.5)")  # final_reprojections 0
+    rescaled.reprojections = 2
+    assert "re-projected, 1 also rescaled (down to ×0.5)" in verification_note([rescaled], False)
+    assert verification_note([BoundReport("b", "conv", 1.0, 0.9, 0.9)], False) is None

@@ -86,15 +86,18 @@ def verification_note(bounds: list[BoundReport], clip_with_bn: bool) -> str | No
     if not fixed:
         return None
     rescaled = [b for b in fixed if b.rescale is not None]
+    scale = f"×{min(b.rescale for b in rescaled):.3g}" if rescaled else ""
     if "-padded" in fixed[0].operator:
         what = (f"above σmax ≤ {fixed[0].bound:g}·1.001 as they run{' with their BatchNorm' if clip_with_bn else ''}"
                 f" (up to {max(b.sigma_before for b in fixed):.4g}); FastClip rounds")
     else:
         what = (f"above σmax ≤ {fixed[0].bound:g}·1.01 after the last projection "
                 f"(up to {max(b.sigma_before for b in fixed):.4g}); re-projected")
+    if not any(b.reprojections for b in fixed):  # final_reprojections 0: straight to the rescale
+        return (f"final verification: {len(fixed)} of {len(convs)} convs were {what.rsplit(';', 1)[0]}; rescaled "
+                f"(down to {scale})")
     return (f"final verification: {len(fixed)} of {len(convs)} convs were {what}"
-            + (f", {len(rescaled)} also rescaled (down to ×{min(b.rescale for b in rescaled):.3g})"
-               if rescaled else ""))
+            + (f", {len(rescaled)} also rescaled (down to {scale})" if rescaled else ""))
 
 
 def accuracy(model: nn.Module, images, device: torch.device, batch_size: int, progress: Progress | None,
