@@ -121,7 +121,9 @@ def test_torchvision_resnet18_state_dict_loads_into_torchvision(tmp_path):
     assert (ours - theirs).abs().max() <= 1e-5 * ours.abs().max()
 
 
-def test_torchscript_runs_without_ttcompress(tmp_path, model):
+def test_torchscript_runs_without_ttcompress(tmp_path, model, one_thread):
+    """Bit-equal outputs: both sides on one thread (the child runs with OMP_NUM_THREADS=1; several threads may sum a
+    conv in another order)."""
     out = tmp_path / "r20.ts.pt"
     report = ex.export(model, out, "torchscript")
     x = torch.rand(5, 3, 32, 32)  # another batch size than the trace's
