@@ -107,10 +107,12 @@ class Controller:
         return any(m.active for m in self.methods)
 
     @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        """Control after optimizer step number ``step`` (1-based): every method that is due, in registry order."""
+    def after_step(self, step: int) -> list[nn.Module]:
+        """Control after optimizer step number ``step`` (1-based): every method that is due, in registry order.
+        Returns the TT layers a method rewrote (with fresh orthonormal frames: their factors changed coordinates)."""
         ref = next(self.net.parameters(), None)
         self.ctx.step = step
+        rewritten: dict[str, nn.Module] = {}
         for method in self.methods:
             if method.active and method.due(step):
                 _sync_device(ref)
@@ -118,6 +120,8 @@ class Controller:
                 method.apply()
                 _sync_device(ref)
                 self.timings[method.name] = self.timings.get(method.name, 0.0) + time.perf_counter() - start
+                rewritten.update((c.name, c.layer) for c in method.convs if c.is_tt)
+        return list(rewritten.values())
 
     @torch.no_grad()
     def enforce_bounds(self, *, recalibrate: Callable[[], None] | None = None) -> list[BoundReport]:

@@ -278,7 +278,7 @@ def _finetune(model_in: ck.LoadedModel | nn.Module, loaded: ck.LoadedModel | Non
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     objective = Objective(net, cfg.orthogonal_k, cfg.f4_weight, extra_loss, distill, cfg.gram_weight, sizes)
     shown = ProgressHook(progress)
-    hooks = [DivergenceGuard(dist), ControlHook(), CsvHook(objective.columns),
+    hooks = [DivergenceGuard(dist), ControlHook(cfg.reset_momentum), CsvHook(objective.columns),
              *([TensorBoardHook()] if cfg.tensorboard else []), shown, SaveHook(cfg.save_every), *more_hooks]
     final_loss = train_loop(run, train_model, batches, objective, hooks)
     run.save()  # a crash during verification or evaluation resumes here

@@ -66,10 +66,21 @@ class DivergenceGuard(Hook):
 
 
 class ControlHook(Hook):
-    """Singular-value control after every step (:meth:`ttcompress.control.Controller.after_step`)."""
+    """Singular-value control after every step (:meth:`ttcompress.control.Controller.after_step`).
+
+    ``reset_momentum``: a TT layer the control rewrote has new factors (orthonormal frames from a QR, the triangular
+    parts folded into the core), so the optimizer state accumulated for the old ones (SGD momentum, Adam moments)
+    would push the new ones the wrong way; it is dropped and starts again from the next gradient."""
+
+    def __init__(self, reset_momentum: bool = True) -> None:
+        self.reset_momentum = reset_momentum
 
     def after_step(self, run: RunState, info: StepInfo) -> None:
-        run.controller.after_step(info.step)
+        rewritten = run.controller.after_step(info.step)
+        if self.reset_momentum:
+            for layer in rewritten:
+                for p in layer.parameters():
+                    run.optimizer.state.pop(p, None)
 
 
 def _seconds(run: RunState) -> float:
