@@ -93,7 +93,8 @@ def measure(ratio: str, name: str, settings: dict, original, device: str, epochs
         **(dict(teacher=str(MODEL), teacher_arch="resnet20") if teacher else {}), **settings)
     start = time.perf_counter()
     result = finetune(student, config)
-    return {"ratio": ratio, "row": name, "rank": RANKS[ratio],  # allocated rows: the single rank whose ratio they match "compression": report.compression,
+    # "rank": for allocated rows, the single rank whose parameter ratio they match
+    return {"ratio": ratio, "row": name, "rank": RANKS[ratio], "compression": report.compression,
             "decomposed": result.test_accuracy_before, "finetuned": result.test_accuracy,
             "max_sigma_ratio": result.max_ratio, "clipped": result.max_ratio is not None,
             "rescaled": sum(1 for b in result.bounds if b.rescale is not None),

@@ -656,9 +656,9 @@ def test_verification_note_says_what_the_final_verification_did():
 
 
 @pytest.mark.parametrize("reset", [True, False])
-def test_a_control_rewrite_drops_the_momentum_of_the_rewritten_tt_factors(tiny, reset):
-    """A clip writes each TT layer back with fresh orthonormal frames; the SGD momentum kept for the old factors is
-    dropped (reset_momentum, default on) — and only for the TT layers rewritten, after the steps they were."""
+def test_a_control_rewrite_drops_the_momentum_of_the_rewritten_layers(tiny, reset):
+    """A clip writes each conv back (a TT layer with fresh orthonormal frames); the SGD momentum kept for the old
+    weights is dropped (reset_momentum, default on) — only after the steps that clipped, and not for other layers."""
     from ttcompress.train.hooks import Hook
 
     seen: list[tuple[int, bool, bool]] = []
@@ -666,13 +666,13 @@ def test_a_control_rewrite_drops_the_momentum_of_the_rewritten_tt_factors(tiny, 
     class Look(Hook):  # after the built-in hooks, so after this step's control
         def after_step(self, run, info):
             net = run.net
-            tt = [p for p in net.conv2.parameters()]
-            dense = net.conv1.weight
-            seen.append((run.step, all(p not in run.optimizer.state for p in tt), dense in run.optimizer.state))
+            convs = [*net.conv1.parameters(), *net.conv2.parameters()]
+            seen.append((run.step, all(p not in run.optimizer.state for p in convs),
+                         net.fc.weight in run.optimizer.state))
 
     finetune(ck.load(tiny["model"], arch=tiny["arch"]), config(tiny, steps=4, clip_every=2, reset_momentum=reset),
              hooks=[Look()])
-    # steps 2 and 4 clip: the TT factors have no optimizer state right after them (with reset), the dense conv keeps it
+    # steps 2 and 4 clip: the convs have no optimizer state right after them (with reset); the classifier keeps its
     assert [s for s, _, _ in seen] == [1, 2, 3, 4]
     assert [dropped for _, dropped, _ in seen] == ([False, True, False, True] if reset else [False] * 4)
     assert all(kept for _, _, kept in seen)

@@ -94,8 +94,8 @@ def finetune(
     kd_alpha: Optional[float] = _opt("kd_alpha", "Weight of the distillation term T²·KL(teacher ‖ student), added "
                                      "to the cross-entropy."),
     kd_temperature: Optional[float] = _opt("kd_temperature", "Softmax temperature T of the distillation term."),
-    reset_momentum: Optional[bool] = _opt("reset_momentum", "After a control step rewrites a TT layer (new "
-                                          "orthonormal frames), drop the optimizer's momentum for its factors.",
+    reset_momentum: Optional[bool] = _opt("reset_momentum", "After a control step rewrites a conv (a TT layer: new "
+                                          "orthonormal frames), drop the optimizer's momentum for its weights.",
                                           toggle=True),
     final_reprojections: Optional[int] = _opt("final_reprojections", "Final verification: exact re-projections of "
                                               "a conv above its bound before it is rescaled (0: rescale at once, "

@@ -109,7 +109,8 @@ class Controller:
     @torch.no_grad()
     def after_step(self, step: int) -> list[nn.Module]:
         """Control after optimizer step number ``step`` (1-based): every method that is due, in registry order.
-        Returns the TT layers a method rewrote (with fresh orthonormal frames: their factors changed coordinates)."""
+        Returns the conv layers a method rewrote (a projection or division; TT layers also get fresh orthonormal
+        frames, so their factors change coordinates)."""
         ref = next(self.net.parameters(), None)
         self.ctx.step = step
         rewritten: dict[str, nn.Module] = {}
@@ -120,7 +121,7 @@ class Controller:
                 method.apply()
                 _sync_device(ref)
                 self.timings[method.name] = self.timings.get(method.name, 0.0) + time.perf_counter() - start
-                rewritten.update((c.name, c.layer) for c in method.convs if c.is_tt)
+                rewritten.update((c.name, c.layer) for c in method.convs)
         return list(rewritten.values())
 
     @torch.no_grad()

@@ -64,7 +64,7 @@ class FinetuneConfig:
     teacher_arch: str | None = None  # architecture of a foreign teacher checkpoint
     kd_alpha: float = 1.0  # weight of the distillation term T²·KL(teacher ‖ student) added to the cross-entropy
     kd_temperature: float = 4.0  # softmax temperature T of the distillation term
-    reset_momentum: bool = True  # drop the optimizer state of TT layers a control step rewrote (new frames)
+    reset_momentum: bool = True  # drop the optimizer state of the convs a control step rewrote (TT: new frames)
     final_reprojections: int = 3  # final verification: re-projections before rescaling (0: rescale at once)
     bn_recalibrate: int = 20  # batches to re-estimate BatchNorm statistics after the final projection (0: off)
     augment: bool | None = None  # random crop (4 px) + flip; default: on for 32×32 images

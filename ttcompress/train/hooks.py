@@ -68,9 +68,10 @@ class DivergenceGuard(Hook):
 class ControlHook(Hook):
     """Singular-value control after every step (:meth:`ttcompress.control.Controller.after_step`).
 
-    ``reset_momentum``: a TT layer the control rewrote has new factors (orthonormal frames from a QR, the triangular
-    parts folded into the core), so the optimizer state accumulated for the old ones (SGD momentum, Adam moments)
-    would push the new ones the wrong way; it is dropped and starts again from the next gradient."""
+    ``reset_momentum``: a layer the control rewrote holds other weights than the optimizer state was accumulated
+    for — a TT layer even other factors (orthonormal frames from a QR, the triangular parts folded into the core) —
+    so that state (SGD momentum, Adam moments) would push them the wrong way; it is dropped and starts again from
+    the next gradient."""
 
     def __init__(self, reset_momentum: bool = True) -> None:
         self.reset_momentum = reset_momentum
