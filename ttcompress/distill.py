@@ -11,6 +11,7 @@ in the student's history, and a file that changed since is refused.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +81,6 @@ class Distillation:
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  logits: torch.Tensor) -> torch.Tensor:
-        import time
-
         start = time.perf_counter()
         self.teacher.eval()
         with torch.no_grad():

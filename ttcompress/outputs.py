@@ -99,9 +99,8 @@ def _lock_path(out: Path) -> Path:
 
 @dataclass
 class Outputs:
-    """What :func:`guard` checked and holds: the output files (and folders) of one command, locked."""
+    """What :func:`guard` holds for one command: its output folders and the locks on its output files."""
 
-    files: list[Path] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)
     _locks: list[tuple[Path, int]] = field(default_factory=list, repr=False)
 
@@ -185,13 +184,12 @@ def guard(
         seen[loc] = flag
         _check_output(path, ins, flag)
     try:
-        for folder in outputs.folders if lock else ():
-            _check_folder(folder, "the output folder")
-        for flag, path in planned:
-            if lock:
+        if lock:
+            for folder in outputs.folders:
+                _check_folder(folder, "the output folder")
+            for flag, path in planned:
                 _check_folder(_location(path).parent, flag)
                 _take_lock(path, outputs, flag)
-            outputs.files.append(path)
         yield outputs
     finally:
         outputs.release()
