@@ -155,7 +155,8 @@ def test_decompose_target_json_contract(tmp_path, r20):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert {"layers", "params_before", "params_after", "compression", "macs_before", "macs_after", "macs_ratio",
-            "target", "latency_before_ms", "latency_after_ms"} == set(doc)
+            "target", "calibrate", "latency_before_ms", "latency_after_ms"} == set(doc)
+    assert doc["calibrate"] is None
     assert doc["target"]["metric"] == "macs" and doc["target"]["ratio"] == 3 and doc["target"]["max_rank"] == 24
     assert abs(doc["macs_ratio"] / 3 - 1) <= 0.02 and doc["macs_before"] == 40_551_040  # ResNet-20 at 32×32 (+fc)
     for layer in doc["layers"]:
@@ -167,7 +168,7 @@ def test_decompose_target_json_contract(tmp_path, r20):
 @pytest.mark.parametrize("extra,needle", [
     (["--rank", "8", "--target-ratio", "2"], "exactly one of"),
     (["--rank", "8", "--max-rank", "4"], "--max-rank"),
-    (["--rank", "8", "--calibrate", "x.npz"], "--calibrate"),
+    (["--rank", "8", "--calibrate", "x.npz"], "not found"),
     (["--target-ratio", "500"], "cannot be reached"),
     (["--target-ratio", "1"], "greater than 1"),
 ])
@@ -176,6 +177,26 @@ def test_decompose_target_user_errors(tmp_path, r20, extra, needle):
     assert res.exit_code == 2, res.output
     assert needle in res.output and "Traceback" not in res.output
     assert len([line for line in res.output.strip().splitlines() if line.strip()]) == 1
+
+
+def test_decompose_rank_with_calibrate_is_data_aware(tmp_path, r20, tiny_npz):
+    """--calibrate with one rank: the same ranks, different (data-aware) factors, and the images in the JSON."""
+    from ttcompress import checkpoint as ck
+    from ttcompress.tt import tt_ranks
+
+    plain, aware = tmp_path / "p.safetensors", tmp_path / "a.safetensors"
+    assert run("decompose", r20, "--arch", "resnet20", "--rank", "8", "-o", plain).exit_code == 0
+    res = run("decompose", r20, "--arch", "resnet20", "--rank", "8", "--calibrate", tiny_npz, "--calibrate-n", "6",
+              "-o", aware, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["calibrate"] == {"source": doc["calibrate"]["source"], "n": 6, "data_aware": True}
+    assert doc["target"] is None
+    a, p = ck.load(aware), ck.load(plain)
+    assert tt_ranks(a.net) == tt_ranks(p.net)
+    wa, wp = a.net.get_submodule("layer2.0.conv2"), p.net.get_submodule("layer2.0.conv2")
+    assert wa.ranks == wp.ranks == (8, 8)
+    assert not torch.allclose(wa.dense_weight(), wp.dense_weight(), atol=1e-4)
 
 
 def test_sensitivity_json_and_plot(tmp_path, r20, tiny_npz):

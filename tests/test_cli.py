@@ -38,7 +38,7 @@ def test_decompose_json_contract(tmp_path, r20):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert set(doc) == {"layers", "params_before", "params_after", "compression", "macs_before", "macs_after",
-                        "macs_ratio", "target"} and doc["target"] is None
+                        "macs_ratio", "target", "calibrate"} and doc["target"] is None and doc["calibrate"] is None
     layer = {l["name"]: l for l in doc["layers"]}["layer2.0.conv1"]
     assert {"name", "shape", "ranks", "rel_error", "params_before", "params_after"} <= set(layer)
     assert layer["shape"] == [32, 16, 3, 3] and layer["ranks"] == [8, 8]

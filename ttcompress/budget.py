@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import nn
 
 from ttcompress.errors import UserError
@@ -95,9 +96,10 @@ class LayerBudget:
         return (self.params(r1, r2) < self.dense_params) & (self.macs(r1, r2) < self.dense_macs)
 
 
-def budget_layers(net: nn.Module, sites: Mapping[str, LayerSite], skip: Iterable[str] = ()
-                  ) -> tuple[list[LayerBudget], dict[str, str]]:
-    """The :class:`LayerBudget` of every conv that can be decomposed, and why each other conv cannot."""
+def budget_layers(net: nn.Module, sites: Mapping[str, LayerSite], skip: Iterable[str] = (),
+                  input_moments: Mapping[str, torch.Tensor] | None = None) -> tuple[list[LayerBudget], dict[str, str]]:
+    """The :class:`LayerBudget` of every conv that can be decomposed, and why each other conv cannot (with
+    ``input_moments``, the error curves of the whitened kernels that data-aware TT-SVD truncates)."""
     patterns = list(skip)
     layers: list[LayerBudget] = []
     reasons: dict[str, str] = {}
@@ -108,7 +110,7 @@ def budget_layers(net: nn.Module, sites: Mapping[str, LayerSite], skip: Iterable
         if reason is not None:
             reasons[name] = reason
             continue
-        s_in, s_out = unfolding_energies(conv.weight)
+        s_in, s_out = unfolding_energies(conv.weight, None if input_moments is None else input_moments.get(name))
         layers.append(LayerBudget(name, conv.in_channels, conv.out_channels, tuple(conv.kernel_size),
                                   conv.bias is not None, sites[name], _tails(s_in.cpu()), _tails(s_out.cpu())))
     return layers, reasons

@@ -5,6 +5,8 @@
 :mod:`ttcompress.sensitivity`), counts MACs before and after (:mod:`ttcompress.macs`) and, when asked, times each
 decomposed layer against its dense form and the whole model before and after (:mod:`ttcompress.latency`);
 ``keep_faster`` keeps a layer dense where its TT form is not faster on that device at that batch size.
+With calibration images, every layer is also truncated where its inputs live (data-aware TT-SVD on the second
+moments of its input channels, :mod:`ttcompress.activations`), whatever chose its ranks.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class CompressSettings:
     max_rank: int | None = None
     skip: Sequence[str] = ()
     calibrate: ImageSet | None = None
+    data_aware: bool = True  # with calibrate: truncate each layer where its inputs live (not only weight a target)
     latency: bool = False
     keep_faster: bool = False
     device: str | torch.device = "cpu"
@@ -62,9 +65,6 @@ class CompressSettings:
             raise UserError("give exactly one of --rank R, --energy E, --target-ratio X or --target-macs X")
         if self.target is None and self.max_rank is not None:
             raise UserError("--max-rank caps the ranks a target chooses: use it with --target-ratio or --target-macs")
-        if self.target is None and calibrating:
-            raise UserError("--calibrate weights the allocation of a target: use it with --target-ratio or "
-                            "--target-macs")
         if self.batch_size <= 0:
             raise UserError(f"--batch-size must be positive, got {self.batch_size}")
         if self.repeats <= 0:
@@ -79,17 +79,18 @@ def _slow(dense_ms: float, tt_ms: float, device: torch.device, batch_size: int) 
 
 
 def _allocate(net: nn.Module, model: nn.Module, sites: dict[str, LayerSite], s: CompressSettings, cost_before: int,
-              time_pair, progress: Progress | None) -> tuple[Allocation, dict[str, str]]:
+              time_pair, moments: dict[str, torch.Tensor] | None,
+              progress: Progress | None) -> tuple[Allocation, dict[str, str]]:
     """The budget allocation; with ``keep_faster``, re-allocated without the layers whose TT form is slower until
     every chosen one is faster.  Returns it and the layers kept dense for speed."""
     metric, value = s.target  # type: ignore[misc]
-    layers, _ = budget_layers(net, sites, s.skip)
+    layers, _ = budget_layers(net, sites, s.skip, moments)
     if s.calibrate is not None:
         from ttcompress.sensitivity import calibrate
 
         data_free = allocate(layers, metric, value, cost_before, max_rank=s.max_rank, tolerance=s.tolerance)
         calibrate(model, net, layers, s.calibrate, data_free.ranks, device=next(model.parameters()).device,
-                  progress=progress)
+                  input_moments=moments, progress=progress)
     slow: dict[str, str] = {}
     while True:
         try:
@@ -134,12 +135,17 @@ def compress(model: nn.Module, net: nn.Module, input_size: Sequence[int], settin
         timings[name] = tried[key]
         return _slow(*tried[key], device, s.batch_size)
 
+    moments = None
+    if s.calibrate is not None and s.data_aware:
+        from ttcompress.activations import input_moments
+
+        moments = input_moments(model, net, s.calibrate, sites, device=next(model.parameters()).device)
     target = None
     if s.target is not None:
         metric, value = s.target
         cost_before = (sum(p.numel() for p in net.parameters()) if metric == "params" else sum(macs_before.values()))
-        alloc, slow = _allocate(net, model, sites, s, cost_before, time_pair, progress)
-        report = decompose(net, ranks=alloc.ranks, skip=s.skip)
+        alloc, slow = _allocate(net, model, sites, s, cost_before, time_pair, moments, progress)
+        report = decompose(net, ranks=alloc.ranks, skip=s.skip, input_moments=moments)
         for name in [n for n in timings if n not in alloc.ranks and n not in slow]:
             del timings[name]  # timed in an earlier round of --keep-faster, dense in the final allocation
         reasons = {**alloc.dense, **slow}
@@ -150,7 +156,7 @@ def compress(model: nn.Module, net: nn.Module, input_size: Sequence[int], settin
                   "calibrate": None if s.calibrate is None else s.calibrate.source or "images",
                   "keep_faster": s.keep_faster}
     else:
-        report = decompose(net, rank=s.rank, energy=s.energy, skip=s.skip)
+        report = decompose(net, rank=s.rank, energy=s.energy, skip=s.skip, input_moments=moments)
         if s.keep_faster:
             _keep_faster(net, report, {n: c for n, c in originals.items() if n in sites}, time_layer, device,
                          s.batch_size)
@@ -162,6 +168,9 @@ def compress(model: nn.Module, net: nn.Module, input_size: Sequence[int], settin
     report.params_after = sum(p.numel() for p in net.parameters())
     macs_after = {n: module_macs(net.get_submodule(n), site) for n, site in sites.items()}
     result = CompressionReport(report, macs_before, macs_after, target)
+    if s.calibrate is not None:
+        result.calibrate = {"source": s.calibrate.source or "images", "n": len(s.calibrate),
+                            "data_aware": s.data_aware}
     if s.latency or s.keep_faster:
         result.layer_latency = timings
         result.latency_before_ms, result.latency_after_ms = modules_ms(

@@ -114,6 +114,7 @@ class CompressionReport:
     layer_macs_before: dict[str, int]  # every conv, TT and linear layer the forward pass reaches
     layer_macs_after: dict[str, int]
     target: dict | None = None  # what was asked ({"metric", "ratio", "max_rank", "calibrate", ...}) or None
+    calibrate: dict | None = None  # the calibration images ({"source", "n", "data_aware"}) or None
     layer_latency: dict[str, tuple[float | None, float | None]] | None = None  # (dense ms, TT ms)
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
@@ -139,7 +140,7 @@ class CompressionReport:
                 dense, tt = self.layer_latency.get(layer["name"], (None, None))
                 layer["latency_dense_ms"], layer["latency_tt_ms"] = dense, tt
         doc.update(macs_before=self.macs_before, macs_after=self.macs_after, macs_ratio=self.macs_ratio,
-                   target=self.target)
+                   target=self.target, calibrate=self.calibrate)
         if self.layer_latency is not None:
             doc.update(latency_before_ms=self.latency_before_ms, latency_after_ms=self.latency_after_ms)
         return doc

@@ -69,10 +69,11 @@ def _outputs(model: nn.Module, images: ImageSet, batch_size: int, device) -> tup
 def measure(model: nn.Module, net: nn.Module, images: ImageSet, plan: Mapping[str, Sequence[tuple[int, int]]],
             sites: Mapping[str, LayerSite], *, batch_size: int = 256, device: str | torch.device = "cpu",
             requested: Mapping[tuple[str, tuple[int, int]], int] | None = None,
+            input_moments: Mapping[str, torch.Tensor] | None = None,
             progress: Progress | None = None) -> SensitivityReport:
     """Run ``model`` on ``images`` with, in turn, each layer of ``plan`` alone replaced by its TT-SVD form at each of
-    its ``(r1, r2)``; the network is left as it was.  ``requested`` maps ``(layer, ranks)`` to the rank the user
-    asked for, for the report."""
+    its ``(r1, r2)`` (data-aware where ``input_moments`` has the layer); the network is left as it was.
+    ``requested`` maps ``(layer, ranks)`` to the rank the user asked for, for the report."""
     reference, acc0, loss0 = _outputs(model, images, batch_size, device)
     report = SensitivityReport(len(images), acc0, loss0)
     norm = max(float((reference.double() ** 2).sum()), 1e-300)
@@ -86,7 +87,8 @@ def measure(model: nn.Module, net: nn.Module, images: ImageSet, plan: Mapping[st
             dense_macs = conv_macs(conv.in_channels, conv.out_channels, size, site.out_points)
             try:
                 for ranks in pairs:
-                    factors = tt_svd(conv.weight, ranks=ranks)
+                    factors = tt_svd(conv.weight, ranks=ranks,
+                                     input_moment=None if input_moments is None else input_moments.get(name))
                     set_module(net, name, tt_from_conv(conv, factors))
                     logits, acc, loss = _outputs(model, images, batch_size, device)
                     change = float(((logits.double() - reference.double()) ** 2).sum()) / norm
@@ -134,6 +136,7 @@ def sensitivity(model: nn.Module, net: nn.Module, input_size: Sequence[int], ima
 
 def calibrate(model: nn.Module, net: nn.Module, layers: Sequence[LayerBudget], images: ImageSet,
               at: Mapping[str, tuple[int, int]], *, batch_size: int = 256, device: str | torch.device = "cpu",
+              input_moments: Mapping[str, torch.Tensor] | None = None,
               progress: Progress | None = None) -> SensitivityReport:
     """Set each layer's ``weight`` (c_l of :mod:`ttcompress.budget`) from one measurement at its ranks in ``at``
     (the data-free allocation for the same target; half its channels where that keeps it dense): with the gain
@@ -145,7 +148,7 @@ def calibrate(model: nn.Module, net: nn.Module, layers: Sequence[LayerBudget], i
     plan = {l.name: [tuple(at[l.name]) if l.name in at else (max(1, min(l.cin, l.cout) // 2),) * 2]
             for l in layers}
     report = measure(model, net, images, plan, {l.name: l.site for l in layers}, batch_size=batch_size,
-                     device=device, progress=progress)
+                     device=device, input_moments=input_moments, progress=progress)
     change = {r.layer: (r.ranks, r.output_change) for r in report.rows}
     gains = {}
     for layer in layers:

@@ -243,9 +243,23 @@ class TTFactors:
         return K.compose_tt(self.first, self.core, self.last)
 
 
+def input_whitening(moment: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H, H⁻¹)``: the symmetric square root of an input second-moment matrix ``Σ`` (Cin × Cin) and its inverse,
+    in float64, with the eigenvalues of ``Σ`` floored at ``floor`` × the largest (channels that never fire, e.g.
+    after a ReLU, would make ``H`` singular; what the floor adds cannot change which directions matter)."""
+    s = moment.detach().double()
+    s = (s + s.T) / 2
+    values, vectors = torch.linalg.eigh(s)
+    top = float(values.max()) if values.numel() else 0.0
+    if not top > 0:
+        raise UserError("the calibration images give a conv an input that is zero everywhere")
+    values = values.clamp_min(floor * top).sqrt()
+    return (vectors * values) @ vectors.T, (vectors / values) @ vectors.T
+
+
 def tt_svd(
     weight: torch.Tensor, rank: int | None = None, energy: float | None = None, refine: int = 2,
-    ranks: tuple[int, int] | None = None,
+    ranks: tuple[int, int] | None = None, input_moment: torch.Tensor | None = None,
 ) -> TTFactors:
     """TT-SVD of one kernel, then ``refine`` alternating sweeps (HOOI) that can only lower the error.
 
@@ -255,9 +269,20 @@ def tt_svd(
     The TT-SVD result already has the optimal core for its frames (it is ``W ×_in FᵀF ×_out LLᵀ``), so each sweep
     (best frame given the other) never increases ‖W − W_tt‖.  Computed in float64.
     ``ranks = (r1, r2)`` fixes both ranks separately (capped at Cin and Cout) instead of ``rank`` / ``energy``.
+
+    Data-aware (``input_moment`` = ``Σ = E[x xᵀ]`` of the layer's input channels, :mod:`ttcompress.activations`):
+    the error that matters is the one the layer makes on its inputs, ``E‖(W − W_tt)·x‖² = ‖(W − W_tt) ×_in H‖²``
+    with ``H = Σ^½``.  The same TT-SVD and sweeps run on ``W ×_in H`` (so ranks and energies are those of the
+    whitened kernel); its input frame ``F_H`` maps back as ``F_H·H⁻¹``, whose QR (``Qᵀ`` orthonormal rows, the
+    triangular factor folded into the core) gives the frames orthonormal again: the same operator, the same form.
     """
     if sum(v is not None for v in (rank, energy, ranks)) != 1:
         raise UserError("give exactly one of --rank and --energy")
+    if input_moment is not None:
+        half, inverse = input_whitening(input_moment)
+        factors = tt_svd(K.apply_input_frame(weight.detach().double(), half), rank, energy, refine, ranks)
+        q, r = _positive_qr((factors.first @ inverse).T)  # F_H·H⁻¹ = Rᵀ Qᵀ
+        return TTFactors(q.T.contiguous(), K.apply_input_frame(factors.core, r).contiguous(), factors.last)
     w = weight.detach().double()
     if w.ndim < 3:
         raise ValueError(f"expected a (Cout, Cin, *k) kernel, got shape {tuple(w.shape)}")
@@ -282,11 +307,15 @@ def tt_svd(
     return TTFactors(first, core, last)
 
 
-def unfolding_energies(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def unfolding_energies(weight: torch.Tensor, input_moment: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared singular values (descending, float64) of a kernel's input-mode (Cin × ∏k·Cout) and output-mode
     (Cout × Cin·∏k) unfoldings: what truncating r1 and r2 discards (the HOSVD bound
-    ‖W − W_tt‖² ≤ Σ_{i>r1} s_in,i² + Σ_{j>r2} s_out,j²)."""
+    ‖W − W_tt‖² ≤ Σ_{i>r1} s_in,i² + Σ_{j>r2} s_out,j²) — of the whitened kernel ``W ×_in Σ^½`` when the
+    input's second moment ``Σ`` is given, as :func:`tt_svd` truncates it."""
     w = weight.detach().double()
+    if input_moment is not None:
+        w = K.apply_input_frame(w, input_whitening(input_moment)[0])
     return _left_singular(K.unfold_input(w))[1], _left_singular(K.unfold_output(w))[1]
 
 
@@ -403,6 +432,7 @@ def decompose(
     skip: Iterable[str] = (),
     refine: int = 2,
     ranks: Mapping[str, tuple[int, int]] | None = None,
+    input_moments: Mapping[str, torch.Tensor] | None = None,
 ) -> DecomposeReport:
     """Replace, in place, every groups=1 ``nn.Conv1d/2d/3d`` of ``net`` that TT would shrink by the TT layer of the
     same dimension (:class:`TTConv1d`, :class:`TTConv2d`, :class:`TTConv3d`).
@@ -410,7 +440,9 @@ def decompose(
     ``rank`` caps r1 ≤ min(rank, Cin), r2 ≤ min(rank, Cout); ``energy`` keeps that fraction of the squared singular
     values of each unfolding; ``ranks`` maps layer names to their own ``(r1, r2)`` (a plan such as
     :func:`ttcompress.budget.allocate` makes) and leaves every other layer dense.  ``skip`` holds glob patterns of
-    module names to leave dense.
+    module names to leave dense.  ``input_moments`` maps layer names to the second moment of their input channels
+    (:func:`ttcompress.activations.input_moments`): those layers are truncated where their inputs live
+    (data-aware, see :func:`tt_svd`); the others as before.
     """
     if sum(v is not None for v in (rank, energy, ranks)) != 1:
         raise UserError("give exactly one of --rank and --energy")
@@ -437,7 +469,8 @@ def decompose(
             entry.reason = "not chosen by the allocation"
             continue
         planned = None if ranks is None else tuple(ranks[name])
-        factors = tt_svd(conv.weight, rank=rank, energy=energy, refine=refine, ranks=planned)
+        moment = None if input_moments is None else input_moments.get(name)
+        factors = tt_svd(conv.weight, rank=rank, energy=energy, refine=refine, ranks=planned, input_moment=moment)
         after = tt_params(cin, cout, size, factors.ranks, conv.bias is not None)
         if after >= params:
             entry.reason = f"ranks {list(factors.ranks)} would not shrink it"

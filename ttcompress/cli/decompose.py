@@ -26,8 +26,9 @@ def decompose(
     target_macs: Optional[float] = typer.Option(None, "--target-macs", help="Whole-model MAC ratio X (before/after) "
                                                 "at the model's input size, within ±2 %."),
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="With a target: cap r1 and r2 at R."),
-    calibrate: Optional[str] = typer.Option(None, "--calibrate", help="With a target: weight each layer's damage by "
-                                            "the measured output change on these images (npz, ImageFolder, cifar10)."),
+    calibrate: Optional[str] = typer.Option(None, "--calibrate", help="Truncate each layer where its inputs live on "
+                                            "these images (npz, ImageFolder, cifar10); with a target, also weight "
+                                            "each layer's damage by the measured output change."),
     calibrate_n: int = typer.Option(256, "--calibrate-n", help="Number of calibration images."),
     calibrate_split: str = typer.Option("train", "--calibrate-split", help="Split of --calibrate to use."),
     latency: bool = typer.Option(False, "--latency", help="Time every decomposed layer (dense vs TT) and the whole "
@@ -49,6 +50,8 @@ def decompose(
     """Replace every conv by a TT layer (1×1 → k×k core → 1×1) via truncated SVD.
 
     Example: ttcompress decompose resnet20.th --arch resnet20 --rank 8 -o r20-tt.safetensors
+
+    Example: ttcompress decompose resnet20.th --arch resnet20 --rank 24 --calibrate cifar10-sample.npz -o r20-tt.safetensors
 
     Example: ttcompress decompose resnet20.th --arch resnet20 --target-ratio 4 --calibrate cifar10-sample.npz -o r20-x4.safetensors
 
