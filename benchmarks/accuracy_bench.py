@@ -70,6 +70,20 @@ ALLOCATED_ROWS = {
         allocate=True, lr=0.003, kd_alpha=1.0, teacher=True, clip_to=1.0, clip_every=10, final_reprojections=0,
         reset_momentum=False),
 }
+# decompose --target-ratio --calibrate: data-aware truncation and calibrated allocation (256 training images)
+CALIBRATED_ROWS = {
+    "calibrated, KD α=1, lr 0.003": dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, teacher=True),
+    "calibrated, clip 1, KD α=1, lr 0.003, final rescale": dict(
+        allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, teacher=True, clip_to=1.0, final_reprojections=0),
+    # the same 5 epochs in more, smaller steps
+    "calibrated, KD α=1, lr 0.003, batch 32": dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0,
+                                                   teacher=True, batch_size=32),
+    "calibrated, KD α=1, lr 0.01, batch 32": dict(allocate=True, calibrate=True, lr=0.01, kd_alpha=1.0,
+                                                  teacher=True, batch_size=32),
+    "calibrated, clip 1, KD α=1, lr 0.003, batch 32, final rescale": dict(
+        allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, teacher=True, batch_size=32, clip_to=1.0,
+        final_reprojections=0),
+}
 
 
 def measure(ratio: str, name: str, settings: dict, original, device: str, epochs: int, steps: int | None) -> dict:
@@ -80,12 +94,22 @@ def measure(ratio: str, name: str, settings: dict, original, device: str, epochs
     student = copy.deepcopy(original)
     settings = dict(settings)
     teacher = settings.pop("teacher", False)
+    calibrate = None
+    if settings.pop("calibrate", False):  # data-aware truncation (and calibrated allocation) on 256 training images
+        from ttcompress.data import load_split
+
+        calibrate = load_split(str(DATA), "train").subset(256)
     if settings.pop("allocate", False):  # per-layer ranks for the parameter ratio the single rank gives (issue 14)
         from ttcompress.compress import CompressSettings, compress
 
         single = decompose(copy.deepcopy(original).net, rank=RANKS[ratio]).compression
         report = compress(student.model, student.net, student.input_size,
-                          CompressSettings(target_ratio=single)).decomposition
+                          CompressSettings(target_ratio=single, calibrate=calibrate)).decomposition
+    elif calibrate is not None:
+        from ttcompress.compress import CompressSettings, compress
+
+        report = compress(student.model, student.net, student.input_size,
+                          CompressSettings(rank=RANKS[ratio], calibrate=calibrate)).decomposition
     else:
         report = decompose(student.net, rank=RANKS[ratio])
     config = FinetuneConfig.from_recipe(
@@ -99,7 +123,8 @@ def measure(ratio: str, name: str, settings: dict, original, device: str, epochs
             "max_sigma_ratio": result.max_ratio, "clipped": result.max_ratio is not None,
             "rescaled": sum(1 for b in result.bounds if b.rescale is not None),
             "seconds": time.perf_counter() - start, "teacher_seconds": result.time_teacher,
-            "settings": {k: v for k, v in config.to_dict().items() if k in settings or k in ("teacher", "kd_alpha")}}
+            "settings": {k: v for k, v in config.to_dict().items() if k in settings or k in ("teacher", "kd_alpha")},
+            **({"calibrate": 256} if calibrate is not None else {})}
 
 
 def markdown(doc: dict) -> str:
@@ -112,7 +137,8 @@ def markdown(doc: dict) -> str:
         goal = GOALS[(r["ratio"], r["clipped"])]
         mark = "✓" if r["finetuned"] >= goal else "✗"
         sig = "—" if r["max_sigma_ratio"] is None else f"{r['max_sigma_ratio']:.4f}"
-        how = "per-layer ranks" if r["row"].startswith("allocated") else f"rank {r['rank']}"
+        how = ("per-layer ranks" if r["row"].startswith("allocated")
+               else "per-layer ranks, data-aware" if r["row"].startswith("calibrated") else f"rank {r['rank']}")
         lines.append(f"| ×{r['compression']:.2f} ({how}) | {r['row']} | {100 * r['decomposed']:.1f} % | "
                      f"**{100 * r['finetuned']:.1f} %** | ≥ {100 * goal:.0f} % {mark} | {sig} | {r['seconds']:.0f} s |")
     return "\n".join(lines)
@@ -145,7 +171,7 @@ def main() -> None:
     wanted = [w.strip() for w in args.rows.split(";") if w.strip()] if args.rows else None
     rows = []
     for ratio in args.only or list(RANKS):
-        for name, settings in {**ROWS, **CLIP_ROWS, **ALLOCATED_ROWS}.items():
+        for name, settings in {**ROWS, **CLIP_ROWS, **ALLOCATED_ROWS, **CALIBRATED_ROWS}.items():
             if wanted and not any(w in name for w in wanted):
                 continue
             rows.append(measure(ratio, name, settings, original, args.device, args.epochs, args.steps))
