@@ -11,7 +11,9 @@ targets   ``decompose --target-ratio 2, 4, 8`` and ``--target-macs 2, 4`` (data-
           decomposed network, or the one-line reason it cannot be reached.
 accuracy  on the shared ResNet-20 and the 512 shared test images, after decomposition alone (no training): one rank
           R for every layer (``--rank R``) against the allocation at exactly the parameter ratio R gives
-          (``--target-ratio``), without data and with ``--calibrate`` (256 shared *training* images).
+          (``--target-ratio``), without data and with ``--calibrate`` (256 shared *training* images: data-aware
+          truncation, calibrated allocation, BatchNorm correction; also without the last), and one rank with
+          ``--calibrate``; also on 1024 later training images, outside the calibration set.
 
 Writes ``benchmarks/results/budget_bench.json`` and prints Markdown tables.
 """
@@ -56,33 +58,44 @@ def achieved(names: list[str]) -> list[dict]:
 
 def accuracy_rows(ranks: list[int], n_calibrate: int) -> list[dict]:
     from ttcompress.compress import CompressSettings, compress
-    from ttcompress.data import load_split
+    from ttcompress.data import ImageSet, load_split
     from ttcompress.metrics import accuracy, predict
 
     base = load_net("resnet20")
     if base is None or not CIFAR_SAMPLE.exists():
         return []
     test = load_split(str(CIFAR_SAMPLE), "test")
-    calib = load_split(str(CIFAR_SAMPLE), "train").subset(n_calibrate)
+    train = load_split(str(CIFAR_SAMPLE), "train")
+    calib = train.subset(n_calibrate)
+    # a second check outside the calibration images: 1024 later training images (none of the first n_calibrate)
+    held = ImageSet(train.images[2560:3584], train.labels[2560:3584], train.num_classes, train.classes, "held")
 
-    def acc(m) -> float:
-        return accuracy(predict(m.model, test, batch_size=256), test.labels)
+    def acc(m) -> tuple[float, float]:
+        return tuple(accuracy(predict(m.model, s, batch_size=256), s.labels) for s in (test, held))
 
-    rows = [{"method": "dense", "rank": None, "ratio": 1.0, "accuracy": acc(base)}]
-    print(rows[-1], flush=True)
+    def row(method: str, rank: int | None, settings: CompressSettings | None) -> dict:
+        m = copy.deepcopy(base)
+        start = time.perf_counter()
+        ratio = 1.0
+        if settings is not None:
+            ratio = compress(m.model, m.net, m.input_size, settings).decomposition.compression
+        seconds = time.perf_counter() - start
+        test_acc, held_acc = acc(m)
+        out = {"method": method, "rank": rank, "ratio": ratio, "accuracy": test_acc, "accuracy_held": held_acc,
+               "seconds": seconds}
+        print(out, flush=True)
+        return out
+
+    rows = [row("dense", None, None)]
     for r in ranks:
-        single = copy.deepcopy(base)
-        rep = compress(single.model, single.net, single.input_size, CompressSettings(rank=r))
-        ratio = rep.decomposition.compression
-        rows.append({"method": "single rank", "rank": r, "ratio": ratio, "accuracy": acc(single)})
-        print(rows[-1], flush=True)
-        for label, images in (("target, data-free", None), ("target, --calibrate", calib)):
-            m = copy.deepcopy(base)
-            start = time.perf_counter()
-            rep = compress(m.model, m.net, m.input_size, CompressSettings(target_ratio=ratio, calibrate=images))
-            rows.append({"method": label, "rank": r, "ratio": rep.decomposition.compression, "accuracy": acc(m),
-                         "seconds": time.perf_counter() - start})
-            print(rows[-1], flush=True)
+        single = row("single rank", r, CompressSettings(rank=r))
+        ratio = single["ratio"]
+        rows += [single,
+                 row("single rank, --calibrate", r, CompressSettings(rank=r, calibrate=calib)),
+                 row("target, data-free", r, CompressSettings(target_ratio=ratio)),
+                 row("target, --calibrate --no-bn-correct", r,
+                     CompressSettings(target_ratio=ratio, calibrate=calib, bn_correct=False)),
+                 row("target, --calibrate", r, CompressSettings(target_ratio=ratio, calibrate=calib))]
     return rows
 
 
@@ -96,10 +109,12 @@ def markdown(results: dict) -> str:
             out.append(f"| {r['net']} | `{flag}` | ×{r['achieved']:.3f} | {100 * r['deviation']:+.2f} % | "
                        f"×{r['params_ratio']:.2f} | ×{r['macs_ratio']:.2f} | {r['tt_layers']}/{r['layers']} |")
     if results["accuracy"]:
-        out += ["", "| ResNet-20, decomposition alone | parameter ratio | test accuracy (512) |", "|---|---|---|"]
+        out += ["", "| ResNet-20, decomposition alone | parameter ratio | test accuracy (512) | held-out train (1024) |",
+                "|---|---|---|---|"]
         for r in results["accuracy"]:
             what = r["method"] if r["rank"] is None else f"{r['method']} (ratio of --rank {r['rank']})"
-            out.append(f"| {what} | ×{r['ratio']:.2f} | {100 * r['accuracy']:.2f} % |")
+            held = f"{100 * r['accuracy_held']:.2f} %" if "accuracy_held" in r else "—"
+            out.append(f"| {what} | ×{r['ratio']:.2f} | {100 * r['accuracy']:.2f} % | {held} |")
     return "\n".join(out)
 
 

@@ -190,9 +190,19 @@ def test_decompose_rank_with_calibrate_is_data_aware(tmp_path, r20, tiny_npz):
               "-o", aware, "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
-    assert doc["calibrate"] == {"source": doc["calibrate"]["source"], "n": 6, "data_aware": True}
+    assert doc["calibrate"] == {"source": doc["calibrate"]["source"], "n": 6, "data_aware": True, "batchnorm": 19}
     assert doc["target"] is None
     a, p = ck.load(aware), ck.load(plain)
+    moved = [n for n, bn in a.net.named_modules() if isinstance(bn, torch.nn.BatchNorm2d)
+             and not torch.equal(bn.running_mean, p.net.get_submodule(n).running_mean)]
+    assert moved and moved[0].startswith("bn1")  # the first BatchNorm follows the decomposed stem
+    kept = tmp_path / "k.safetensors"
+    res = run("decompose", r20, "--arch", "resnet20", "--rank", "8", "--calibrate", tiny_npz, "--calibrate-n", "6",
+              "--no-bn-correct", "-o", kept, "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["calibrate"]["batchnorm"] is None
+    k = ck.load(kept)
+    assert all(torch.equal(bn.running_var, p.net.get_submodule(n).running_var)
+               for n, bn in k.net.named_modules() if isinstance(bn, torch.nn.BatchNorm2d))
     assert tt_ranks(a.net) == tt_ranks(p.net)
     wa, wp = a.net.get_submodule("layer2.0.conv2"), p.net.get_submodule("layer2.0.conv2")
     assert wa.ranks == wp.ranks == (8, 8)

@@ -6,7 +6,9 @@
 decomposed layer against its dense form and the whole model before and after (:mod:`ttcompress.latency`);
 ``keep_faster`` keeps a layer dense where its TT form is not faster on that device at that batch size.
 With calibration images, every layer is also truncated where its inputs live (data-aware TT-SVD on the second
-moments of its input channels, :mod:`ttcompress.activations`), whatever chose its ranks.
+moments of its input channels, :mod:`ttcompress.activations`), whatever chose its ranks, and the BatchNorm running
+statistics are moved by the change the decomposition made to their inputs on those images
+(:mod:`ttcompress.batchnorm`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class CompressSettings:
     skip: Sequence[str] = ()
     calibrate: ImageSet | None = None
     data_aware: bool = True  # with calibrate: truncate each layer where its inputs live (not only weight a target)
+    bn_correct: bool = True  # with calibrate: move the BatchNorm statistics by what the decomposition changed
     latency: bool = False
     keep_faster: bool = False
     device: str | torch.device = "cpu"
@@ -119,7 +122,8 @@ def compress(model: nn.Module, net: nn.Module, input_size: Sequence[int], settin
     sites = layer_sites(model, input_size, net)
     macs_before = {n: module_macs(net.get_submodule(n), site) for n, site in sites.items()}
     originals = dict(conv_layers(net))
-    dense_model = copy.deepcopy(model) if s.latency or s.keep_faster else None
+    correcting = s.calibrate is not None and s.bn_correct
+    dense_model = copy.deepcopy(model) if s.latency or s.keep_faster or correcting else None
     timings: dict[str, tuple[float | None, float | None]] = {}
     tried: dict[tuple[str, tuple[int, int]], tuple[float, float]] = {}
 
@@ -165,12 +169,18 @@ def compress(model: nn.Module, net: nn.Module, input_size: Sequence[int], settin
             if isinstance(module, TTConv) and name not in timings and name in sites and name in originals \
                     and not isinstance(originals[name], TTConv):
                 time_layer(name, module)
+    corrected = None
+    if correcting:
+        from ttcompress.batchnorm import correct_batchnorm
+
+        corrected = correct_batchnorm(dense_model, model, s.calibrate, device=next(model.parameters()).device)
     report.params_after = sum(p.numel() for p in net.parameters())
     macs_after = {n: module_macs(net.get_submodule(n), site) for n, site in sites.items()}
     result = CompressionReport(report, macs_before, macs_after, target)
     if s.calibrate is not None:
         result.calibrate = {"source": s.calibrate.source or "images", "n": len(s.calibrate),
-                            "data_aware": s.data_aware}
+                            "data_aware": s.data_aware,
+                            "batchnorm": None if corrected is None else len(corrected)}
     if s.latency or s.keep_faster:
         result.layer_latency = timings
         result.latency_before_ms, result.latency_after_ms = modules_ms(

@@ -114,7 +114,7 @@ class CompressionReport:
     layer_macs_before: dict[str, int]  # every conv, TT and linear layer the forward pass reaches
     layer_macs_after: dict[str, int]
     target: dict | None = None  # what was asked ({"metric", "ratio", "max_rank", "calibrate", ...}) or None
-    calibrate: dict | None = None  # the calibration images ({"source", "n", "data_aware"}) or None
+    calibrate: dict | None = None  # the calibration images ({"source", "n", "data_aware", "batchnorm"}) or None
     layer_latency: dict[str, tuple[float | None, float | None]] | None = None  # (dense ms, TT ms)
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None

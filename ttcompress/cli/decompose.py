@@ -31,6 +31,9 @@ def decompose(
                                             "each layer's damage by the measured output change."),
     calibrate_n: int = typer.Option(256, "--calibrate-n", help="Number of calibration images."),
     calibrate_split: str = typer.Option("train", "--calibrate-split", help="Split of --calibrate to use."),
+    bn_correct: bool = typer.Option(True, "--bn-correct/--no-bn-correct", help="With --calibrate: move each "
+                                    "BatchNorm's running statistics by the change the decomposition made to its "
+                                    "inputs on the calibration images."),
     latency: bool = typer.Option(False, "--latency", help="Time every decomposed layer (dense vs TT) and the whole "
                                  "model before/after (median of --repeats)."),
     keep_faster: bool = typer.Option(False, "--keep-faster", help="Keep a layer dense where its TT form is not "
@@ -64,7 +67,8 @@ def decompose(
 
     settings = CompressSettings(rank=rank, energy=energy, target_ratio=target_ratio, target_macs=target_macs,
                                 max_rank=max_rank, skip=tuple(skip), latency=latency or keep_faster,
-                                keep_faster=keep_faster, batch_size=batch_size, repeats=repeats)
+                                keep_faster=keep_faster, batch_size=batch_size, repeats=repeats,
+                                bn_correct=bn_correct)
     if calibrate is not None and calibrate_n <= 0:
         raise UserError(f"--calibrate-n must be positive, got {calibrate_n}")
     settings.validate(calibrating=calibrate is not None)
@@ -82,8 +86,8 @@ def decompose(
         result = compress(loaded.model, loaded.net, loaded.input_size, settings, progress=RichProgress())
         ck.save(loaded, out, ck.history_entry(
             "decompose", **ck.source_args(checkpoint, arch), rank=rank, energy=energy, target_ratio=target_ratio,
-            target_macs=target_macs, max_rank=max_rank, calibrate=calibrate, keep_faster=keep_faster,
-            skip=list(skip)))
+            target_macs=target_macs, max_rank=max_rank, calibrate=calibrate,
+            bn_correct=bn_correct if calibrate is not None else None, keep_faster=keep_faster, skip=list(skip)))
     if as_json:
         print_json(result.to_json())
         return
@@ -118,6 +122,11 @@ def render(result, name: str, device: str, batch_size: int) -> None:
         what = "parameter" if t["metric"] == "params" else "MAC"
         out_console.print(f"target: {what} ratio ×{t['ratio']:g} → ×{achieved:.3f}"
                           + (" (calibrated)" if t["calibrate"] else ""))
+    if result.calibrate is not None:
+        c = result.calibrate
+        done = (["data-aware truncation"] if c["data_aware"] else []) + (
+            [f"{c['batchnorm']} BatchNorm layers corrected"] if c["batchnorm"] else [])
+        out_console.print(f"calibrated on {c['n']} images of {c['source']}: {', '.join(done) or 'allocation only'}")
     if timed:
         out_console.print(f"latency on {device}, batch {batch_size}: {result.latency_before_ms:.3f} ms → "
                           f"{result.latency_after_ms:.3f} ms "
