@@ -268,3 +268,122 @@ def test_decompose_records_its_source_for_teacher_auto(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     teacher, path = load_teacher("auto", student)
     assert path == tmp_path / "r20.pt" and teacher.meta.arch == "resnet20"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the layer term (--kd-features)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Pair(torch.nn.Module):
+    """conv → ReLU → strided conv → pool → linear; small enough to compute every layer output by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.b = torch.nn.Conv2d(6, 5, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+def _rel(s, t):
+    return float(((s - t) ** 2).sum() / (t ** 2).sum())
+
+
+def test_feature_loss_is_the_mean_relative_squared_error_by_hand():
+    from ttcompress.distill import feature_loss
+
+    torch.manual_seed(5)
+    t = {"a": torch.randn(2, 3, 4, 4), "b": torch.randn(2, 5, 2, 2)}
+    s = {k: v + 0.3 * torch.randn_like(v) for k, v in t.items()}
+    assert float(feature_loss(s, t)) == pytest.approx((_rel(s["a"], t["a"]) + _rel(s["b"], t["b"])) / 2, rel=1e-6)
+    assert float(feature_loss(t, t)) == 0.0
+    with pytest.raises(UserError, match="layer a"):
+        feature_loss({"a": torch.randn(2, 3, 4, 4)}, {"a": torch.randn(2, 3, 2, 2)})
+
+
+def test_layer_term_compares_each_decomposed_layer_with_the_teachers():
+    import copy
+
+    from ttcompress.distill import feature_layers
+    from ttcompress.tt import decompose
+
+    torch.manual_seed(6)
+    teacher = _Pair().eval()
+    student = copy.deepcopy(teacher)
+    decompose(student, rank=2, skip=("a",))  # only b is decomposed
+    assert feature_layers(student, teacher) == ["b"]
+    term = Distillation(teacher, alpha=0.5, temperature=2.0, features=3.0, student_net=student, teacher_net=teacher)
+    x = torch.rand(4, 3, 8, 8)
+    student.train()
+    logits = student(x)
+    value = term(student, x, torch.zeros(4, dtype=torch.long), logits)
+    with torch.no_grad():
+        s_b = student.b(torch.relu(student.a(x)))
+        t_b = teacher.b(torch.relu(teacher.a(x)))
+        expected = 0.5 * kd_loss(logits, teacher(x), 2.0) + 3.0 * _rel(s_b, t_b)
+    assert float(value.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(term.parts["kd_feat"].detach()) == pytest.approx(3.0 * _rel(s_b, t_b), rel=1e-5)
+    value.backward()
+    assert student.b.core.weight.grad is not None and all(p.grad is None for p in teacher.parameters())
+    # outside training (eval mode or no gradients) the student's outputs are not kept
+    student.eval()
+    student(x)
+    with pytest.raises(RuntimeError, match="did not reach"):
+        term(student, x, torch.zeros(4, dtype=torch.long), logits)
+    term.close()
+    student.train()
+    student(x)
+    assert term._student.outputs == {}
+    with pytest.raises(UserError, match="no decomposed"):
+        Distillation(teacher, 1.0, 1.0, features=1.0, student_net=teacher, teacher_net=teacher)
+    Distillation(teacher, 0.0, 1.0, features=1.0, student_net=student, teacher_net=teacher).close()  # layers only
+    with pytest.raises(UserError, match="kd_alpha"):
+        Distillation(teacher, 0.0, 1.0)
+
+
+def test_finetune_with_layer_term_logs_it_and_removes_its_hooks(small):
+    import csv
+
+    from ttcompress.train import finetune
+    from ttcompress.train.state import run_paths
+    from ttcompress.errors import SettingError
+
+    out = small["dir"] / "feat.safetensors"
+    student = ck.load(small["tt"])
+    result = finetune(student, _config(small, teacher="auto", kd_alpha=1.0, kd_features=2.0), out_path=out)
+    assert result.config["kd_features"] == 2.0
+    with open(run_paths(out)["log"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and all(float(r["kd_feat"]) > 0 for r in rows)
+    for r in rows:
+        assert float(r["loss"]) == pytest.approx(float(r["ce"]) + float(r["kd"]) + float(r["kd_feat"]), rel=1e-4)
+    assert not any(m._forward_hooks for m in student.net.modules())
+    with pytest.raises(SettingError, match="teacher"):
+        _config(small, kd_features=1.0)
+
+
+def test_resume_with_both_distillation_terms_gives_the_same_weights(small):
+    """A run crashed after step 2 and resumed ends bit-equal to one run straight through (one thread)."""
+    from safetensors.torch import load_file
+
+    from test_train import CrashAt
+    from ttcompress.train import finetune
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = dict(teacher="auto", kd_alpha=1.0, kd_features=1.0, steps=4, save_every=1)
+        straight = small["dir"] / "straight.safetensors"
+        finetune(ck.load(small["tt"]), _config(small, **settings), out_path=straight)
+        out = small["dir"] / "resumed.safetensors"
+        with pytest.raises(KeyboardInterrupt):
+            finetune(ck.load(small["tt"]), _config(small, **settings), out_path=out, progress=CrashAt(3))
+        result = finetune(ck.load(small["tt"]), _config(small, resume=True, **settings), out_path=out)
+        assert result.resumed_from == 2
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_file(str(straight)), load_file(str(out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -5,6 +5,13 @@ cross-entropy: ``alpha`` weighs the teacher's soft labels against the hard ones,
 gradient scale independent of the temperature.  The teacher runs in eval mode, without gradients, on the same
 (augmented) batch as the student.
 
+With ``features`` (``--kd-features``), a layer term is added: for every layer the decomposition replaced (a TT
+layer of the student whose name the teacher's network also has), the relative squared error ``‖s − t‖² / ‖t‖²``
+of its output ``s`` against the teacher layer's output ``t`` on the same batch, averaged over those layers and
+weighted by ``features``.  Each compressed layer is then told what the original computed there — on every position
+of every image, a far richer signal than ten logits when only a few thousand images are at hand — while its input
+is the student's own (the errors of earlier layers are compensated, not copied).
+
 ``teacher="auto"`` finds the checkpoint the student was decomposed from: ``decompose`` records its path and SHA-256
 in the student's history, and a file that changed since is refused.
 """
@@ -55,29 +62,96 @@ def source_of(student: ck.LoadedModel) -> TeacherSource:
                     "pass --teacher CHECKPOINT")
 
 
+def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean over the layers named in ``student`` of ``‖s − t‖² / ‖t‖²`` (float32)."""
+    terms = []
+    for name, s in student.items():
+        t = teacher[name]
+        if s.shape != t.shape:
+            raise UserError(f"--kd-features: layer {name} gives {tuple(s.shape)} in the student and {tuple(t.shape)} "
+                            "in the teacher")
+        t = t.float()
+        terms.append((s.float() - t).pow(2).sum() / t.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.stack(terms).mean()
+
+
+def feature_layers(student_net: nn.Module, teacher_net: nn.Module) -> list[str]:
+    """The layers the decomposition replaced: TT layers of ``student_net`` whose name ``teacher_net`` also has (as
+    a layer that is not itself TT)."""
+    from ttcompress.tt import TTConv, conv_layers
+
+    teacher_names = {name for name, m in conv_layers(teacher_net) if not isinstance(m, TTConv)}
+    return [name for name, m in conv_layers(student_net) if isinstance(m, TTConv) and name in teacher_names]
+
+
+class _Taps:
+    """Forward hooks keeping the last output of named modules (``when``: whether to keep it this time)."""
+
+    def __init__(self, net: nn.Module, names: list[str], when) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+
+        def hook_for(name: str):
+            def hook(module, _args, output):
+                if when(module):
+                    self.outputs[name] = output
+            return hook
+
+        self.handles = [net.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.outputs = [], {}
+
+
 class Distillation:
-    """The extra loss term of a finetune run: ``alpha · kd_loss(student, teacher)``.
+    """The extra loss term of a finetune run: ``alpha · kd_loss(student, teacher)`` (+ ``features ·`` the layer
+    term, :func:`feature_loss`).
 
     Called as ``term(model, images, labels, logits)`` like every extra loss term; :attr:`seconds` is the teacher's
-    share of the run's time (its forward passes), reported in the timing breakdown.
+    share of the run's time (its forward passes), reported in the timing breakdown; :attr:`parts` holds the last
+    call's weighted terms ``{"kd": …, "kd_feat": …}`` (their sum is the value returned).  With ``features``, ``student_net`` and ``teacher_net`` name the networks
+    whose same-named decomposed layers are compared (hooks on the student keep its training forward's outputs;
+    :meth:`close` removes them).
     """
 
     name = "kd"
 
-    def __init__(self, teacher: nn.Module, alpha: float, temperature: float) -> None:
-        if not alpha > 0:
-            raise UserError(f"kd_alpha must be positive, got {alpha}")
+    def __init__(self, teacher: nn.Module, alpha: float, temperature: float, features: float = 0.0,
+                 student_net: nn.Module | None = None, teacher_net: nn.Module | None = None) -> None:
+        if not features >= 0:
+            raise UserError(f"kd_features must be a non-negative number, got {features}")
+        if not (alpha > 0 or (alpha == 0 and features > 0)):
+            raise UserError(f"kd_alpha must be positive (or 0 with kd_features), got {alpha}")
         if not temperature > 0:
             raise UserError(f"kd_temperature must be positive, got {temperature}")
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.alpha, self.temperature, self.features = float(alpha), float(temperature), float(features)
         self.seconds = 0.0
+        self.parts: dict[str, torch.Tensor] = {}
+        self.layers: list[str] = []
+        self._student = self._teacher = None
+        if self.features > 0:
+            if student_net is None or teacher_net is None:
+                raise ValueError("features needs student_net and teacher_net")
+            self.layers = feature_layers(student_net, teacher_net)
+            if not self.layers:
+                raise UserError("--kd-features: no decomposed (TT) layer of the student has a layer of the same name "
+                                "in the teacher")
+            self._student = _Taps(student_net, self.layers, lambda m: m.training and torch.is_grad_enabled())
+            self._teacher = _Taps(teacher_net, self.layers, lambda m: True)
 
     def to(self, device: torch.device) -> Distillation:
         self.teacher.to(device)
         return self
+
+    def close(self) -> None:
+        """Remove the hooks of the layer term."""
+        for taps in (self._student, self._teacher):
+            if taps is not None:
+                taps.close()
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  logits: torch.Tensor) -> torch.Tensor:
@@ -88,7 +162,18 @@ class Distillation:
         if images.is_cuda:
             torch.cuda.synchronize(images.device)
         self.seconds += time.perf_counter() - start
-        return self.alpha * kd_loss(logits, target, self.temperature)
+        loss = self.alpha * kd_loss(logits, target, self.temperature)
+        self.parts = {"kd": loss}
+        if self.features > 0:
+            if set(self._student.outputs) != set(self.layers):
+                raise RuntimeError("--kd-features: the student's forward pass before this call did not reach every "
+                                   "decomposed layer in training mode")
+            feat = feature_loss(self._student.outputs, self._teacher.outputs)
+            self._student.outputs.clear()
+            self._teacher.outputs.clear()
+            self.parts["kd_feat"] = self.features * feat
+            loss = loss + self.parts["kd_feat"]
+        return loss
 
 
 def load_teacher(spec: str, student: ck.LoadedModel, *, arch: str | None = None,

@@ -94,6 +94,9 @@ def finetune(
     kd_alpha: Optional[float] = _opt("kd_alpha", "Weight of the distillation term T²·KL(teacher ‖ student), added "
                                      "to the cross-entropy."),
     kd_temperature: Optional[float] = _opt("kd_temperature", "Softmax temperature T of the distillation term."),
+    kd_features: Optional[float] = _opt("kd_features", "Weight of the layer term: the relative squared error of "
+                                        "each decomposed layer's output against the teacher's layer of the same "
+                                        "name, on the same batch."),
     reset_momentum: Optional[bool] = _opt("reset_momentum", "After a control step rewrites a conv (a TT layer: new "
                                           "orthonormal frames), drop the optimizer's momentum for its weights.",
                                           toggle=True),

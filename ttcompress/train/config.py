@@ -64,6 +64,7 @@ class FinetuneConfig:
     teacher_arch: str | None = None  # architecture of a foreign teacher checkpoint
     kd_alpha: float = 1.0  # weight of the distillation term T²·KL(teacher ‖ student) added to the cross-entropy
     kd_temperature: float = 4.0  # softmax temperature T of the distillation term
+    kd_features: float = 0.0  # weight of the layer term: relative squared error of each decomposed layer's output
     reset_momentum: bool = True  # drop the optimizer state of the convs a control step rewrote (TT: new frames)
     final_reprojections: int = 3  # final verification: re-projections before rescaling (0: rescale at once)
     bn_recalibrate: int = 20  # batches to re-estimate BatchNorm statistics after the final projection (0: off)
@@ -153,7 +154,10 @@ class FinetuneConfig:
         if not self.kd_temperature > 0:
             raise SettingError(f"kd_temperature must be a positive number, got {self.kd_temperature}",
                                "kd_temperature")
-        for name in ("weight_decay", "orthogonal_k", "f4_weight", "gram_weight", "kd_alpha"):
+        if self.kd_features and self.teacher is None:
+            raise SettingError("kd_features distils the layers' outputs from a teacher: give teacher too",
+                               "kd_features", "teacher")
+        for name in ("weight_decay", "orthogonal_k", "f4_weight", "gram_weight", "kd_alpha", "kd_features"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise SettingError(f"{name} must be a non-negative number, got {value}", name)

@@ -280,7 +280,11 @@ def _finetune(model_in: ck.LoadedModel | nn.Module, loaded: ck.LoadedModel | Non
     shown = ProgressHook(progress)
     hooks = [DivergenceGuard(dist), ControlHook(cfg.reset_momentum), CsvHook(objective.columns),
              *([TensorBoardHook()] if cfg.tensorboard else []), shown, SaveHook(cfg.save_every), *more_hooks]
-    final_loss = train_loop(run, train_model, batches, objective, hooks)
+    try:
+        final_loss = train_loop(run, train_model, batches, objective, hooks)
+    finally:
+        if distill is not None:
+            distill.close()  # the layer term's hooks on the student
     run.save()  # a crash during verification or evaluation resumes here
 
     # --- verify, evaluate, save (rank 0) --------------------------------------------------------------------------
@@ -339,7 +343,8 @@ def _distillation(cfg: FinetuneConfig, loaded: ck.LoadedModel | None, device: to
     if loaded is None:
         raise SettingError("teacher needs the student's metadata: pass a loaded model (ttcompress.load)", "teacher")
     teacher, _ = load_teacher(cfg.teacher, loaded, arch=cfg.teacher_arch)
-    return Distillation(teacher.model, cfg.kd_alpha, cfg.kd_temperature).to(device)
+    return Distillation(teacher.model, cfg.kd_alpha, cfg.kd_temperature, cfg.kd_features,
+                        student_net=loaded.net, teacher_net=teacher.net).to(device)
 
 
 def _make_optimizer(params, cfg: FinetuneConfig) -> torch.optim.Optimizer:

@@ -7,7 +7,9 @@
 * ``gram`` — with ``gram_weight``, the sum of the convs' Gram-iteration bounds on their periodic σmax at the input size
   each sees (:func:`ttcompress.spectral.gram.gram_penalty`, Delattre et al. 2023), a regulariser;
 * ``kd`` — with a teacher (``teacher``), the distillation term ``kd_alpha·T²·KL(teacher ‖ student)``
-  (:class:`ttcompress.distill.Distillation`: the teacher in eval mode, no gradients, on the same batch);
+  (:class:`ttcompress.distill.Distillation`: the teacher in eval mode, no gradients, on the same batch), and with
+  ``kd_features`` the layer term ``kd_feat`` (each decomposed layer's relative squared error against the teacher's
+  layer of the same name), both logged with their weights;
 * ``extra`` — any further term given to :func:`ttcompress.train.finetune` as ``extra_loss(model, images, labels,
   logits) → scalar tensor`` (e.g. distillation), added with weight 1 and logged as the ``extra`` column.
 
@@ -46,6 +48,7 @@ class Objective:
         """The logged terms, in order."""
         return (("ce", "ortho", "f4") + (("gram",) if self.gram_weight > 0 else ())
                 + (("kd",) if self.distill is not None else ())
+                + (("kd_feat",) if getattr(self.distill, "features", 0) > 0 else ())
                 + (("extra",) if self.extra is not None else ()))
 
     @staticmethod
@@ -72,8 +75,10 @@ class Objective:
             terms["gram"] = gram_penalty(self.net, self.input_sizes or {})
             loss = loss + self.gram_weight * terms["gram"]
         if self.distill is not None:
-            terms["kd"] = self.distill(model, images, labels, logits)
-            loss = loss + terms["kd"]
+            value = self.distill(model, images, labels, logits)
+            parts = getattr(self.distill, "parts", None) or {"kd": value}
+            terms.update(parts)
+            loss = loss + value
         if self.extra is not None:
             terms["extra"] = self.extra(model, images, labels, logits)
             loss = loss + terms["extra"]
