@@ -75,6 +75,12 @@ CALIBRATED_ROWS = {
     "calibrated, KD α=1, lr 0.003": dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, teacher=True),
     "calibrated, clip 1, KD α=1, lr 0.003, final rescale": dict(
         allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, teacher=True, clip_to=1.0, final_reprojections=0),
+    # --kd-features 1: each decomposed layer's output distilled from the teacher's
+    "calibrated, KD α=1 + layers 1, lr 0.003": dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0,
+                                                   kd_features=1.0, teacher=True),
+    "calibrated, clip 1, KD α=1 + layers 1, lr 0.003, final rescale": dict(
+        allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, kd_features=1.0, teacher=True, clip_to=1.0,
+        final_reprojections=0),
     # the same 5 epochs in more, smaller steps
     "calibrated, KD α=1, lr 0.003, batch 32": dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0,
                                                    teacher=True, batch_size=32),
@@ -124,7 +130,7 @@ def measure(ratio: str, name: str, settings: dict, original, device: str, epochs
             "rescaled": sum(1 for b in result.bounds if b.rescale is not None),
             "seconds": time.perf_counter() - start, "teacher_seconds": result.time_teacher,
             "settings": {k: v for k, v in config.to_dict().items() if k in settings or k in ("teacher", "kd_alpha")},
-            **({"calibrate": 256} if calibrate is not None else {})}
+            **({"calibrate": 256, "bn_correct": True} if calibrate is not None else {})}
 
 
 def markdown(doc: dict) -> str:
@@ -151,7 +157,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="run this many steps instead (a smoke test)")
     parser.add_argument("--only", choices=sorted(RANKS), action="append", help="compression(s) to run")
     parser.add_argument("--rows", default=None, help="';'-separated substrings: run only the rows whose name "
-                        "contains one (row names hold commas)")
+                        "contains one (row names hold commas); =NAME: exactly that row")
     parser.add_argument("--out", default=str(HERE / "results" / "accuracy_bench.json"))
     parser.add_argument("--markdown", metavar="RESULTS", help="print a results file as a markdown table and exit")
     args = parser.parse_args()
@@ -172,7 +178,7 @@ def main() -> None:
     rows = []
     for ratio in args.only or list(RANKS):
         for name, settings in {**ROWS, **CLIP_ROWS, **ALLOCATED_ROWS, **CALIBRATED_ROWS}.items():
-            if wanted and not any(w in name for w in wanted):
+            if wanted and not any(name == w[1:] if w.startswith("=") else w in name for w in wanted):
                 continue
             rows.append(measure(ratio, name, settings, original, args.device, args.epochs, args.steps))
             print(json.dumps(rows[-1]), flush=True)

@@ -1,8 +1,10 @@
-"""Brute-force references: the explicit dense matrix of a convolution, built by applying it to basis vectors."""
+"""Brute-force references: the explicit dense matrix of a convolution, built by applying it to basis vectors; and
+the small images and network the data-aware tests share."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def periodic_conv(x: torch.Tensor, kernel: torch.Tensor, stride=(1, 1), dilation=(1, 1), padding=(0, 0)) -> torch.Tensor:
@@ -61,3 +63,25 @@ def periodic_matrix_nd(kernel: torch.Tensor, input_size, stride=None, dilation=N
     """Dense matrix of the circular strided conv with ``kernel`` (Cout, Cin, *k) on ``input_size`` inputs."""
     k = kernel.double()
     return operator_matrix(lambda x: periodic_conv_nd(x, k, stride, dilation), (kernel.shape[1], *input_size))
+
+
+def random_images(n: int = 12, size: int = 8, seed: int = 0, classes: int = 4):
+    """``n`` random RGB images of ``size``² as an :class:`~ttcompress.data.ImageSet`."""
+    from ttcompress.data import ImageSet
+
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+                    torch.randint(0, classes, (n,), generator=g), classes)
+
+
+class TwoConvNet(nn.Module):
+    """conv → ReLU → strided conv → mean pool → linear: small enough to compute every layer's output by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 5, 3, stride=2, padding=1)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))

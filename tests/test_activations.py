@@ -10,27 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from reference import TwoConvNet as _Net
 from reference import operator_matrix
+from reference import random_images as _images
 from ttcompress.activations import input_moments
-from ttcompress.data import ImageSet
 from ttcompress.tt import decompose, input_whitening, tt_from_conv, tt_svd, unfolding_energies
-
-
-def _images(n: int = 12, size: int = 8, seed: int = 0) -> ImageSet:
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
-                    torch.randint(0, 4, (n,), generator=g), 4)
-
-
-class _Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 6, 3, padding=1)
-        self.b = nn.Conv2d(6, 5, 3, stride=2, padding=1)
-        self.head = nn.Linear(5, 4)
-
-    def forward(self, x):
-        return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
 
 
 def test_input_moments_match_the_inputs_captured_by_hand():

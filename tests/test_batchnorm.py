@@ -12,15 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from reference import random_images
 from ttcompress.batchnorm import channel_stats, correct_batchnorm
-from ttcompress.data import ImageSet
 from ttcompress.tt import decompose
-
-
-def _images(n: int = 20, size: int = 8, seed: int = 0) -> ImageSet:
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
-                    torch.randint(0, 4, (n,), generator=g), 4)
 
 
 class _Net(nn.Module):
@@ -58,7 +52,7 @@ def _match(bn: nn.BatchNorm2d, m0, v0, m1, v1) -> None:
 
 def test_channel_stats_match_the_captured_inputs():
     torch.manual_seed(0)
-    net, images = _Net().eval(), _images()
+    net, images = _Net().eval(), random_images(n=20)
     stats = channel_stats(net, ["bn_a", "bn_b", "unused"], images, batch_size=7)
     x = images.float_images()
     with torch.no_grad():
@@ -77,7 +71,7 @@ def test_an_unchanged_network_keeps_its_statistics():
     torch.manual_seed(0)
     net = _Net().eval()
     model = copy.deepcopy(net)
-    done = correct_batchnorm(net, model, _images())
+    done = correct_batchnorm(net, model, random_images(n=20))
     assert [c.name for c in done] == ["bn_a", "bn_b"]
     for name in ("bn_a", "bn_b", "unused"):
         torch.testing.assert_close(model.get_submodule(name).running_mean, net.get_submodule(name).running_mean,
@@ -92,7 +86,7 @@ def test_correction_follows_the_forward_order():
     one already corrected (a reference that corrected both from the uncorrected network would differ), and its
     output on the images has the dense network's per-channel mean and variance."""
     torch.manual_seed(0)
-    dense, images = _Net().eval(), _images()
+    dense, images = _Net().eval(), random_images(n=20)
     model = copy.deepcopy(dense)
     decompose(model, rank=2)
     expected = copy.deepcopy(model)
@@ -131,7 +125,7 @@ def test_layers_missing_from_the_original_are_left_alone():
     decompose(model, rank=2)
     dense.bn_b = nn.Identity()
     before = model.bn_b.running_mean.clone()
-    assert [c.name for c in correct_batchnorm(dense, model, _images())] == ["bn_a"]
+    assert [c.name for c in correct_batchnorm(dense, model, random_images(n=20))] == ["bn_a"]
     assert torch.equal(model.bn_b.running_mean, before)
 
 
@@ -140,7 +134,7 @@ def test_compress_with_calibration_corrects_batchnorm(bn_correct):
     from ttcompress.compress import CompressSettings, compress
 
     torch.manual_seed(0)
-    dense, images = _Net().eval(), _images()
+    dense, images = _Net().eval(), random_images(n=20)
     model = copy.deepcopy(dense)
     result = compress(model, model, (3, 8, 8), CompressSettings(rank=2, calibrate=images, bn_correct=bn_correct))
     assert result.calibrate["batchnorm"] == (2 if bn_correct else None)

@@ -14,6 +14,8 @@ from ttcompress.distill import Distillation, kd_loss, load_teacher
 from ttcompress.errors import UserError
 from ttcompress.schedule import BoundSchedule
 
+from reference import TwoConvNet
+
 
 def test_kd_loss_is_t2_times_the_kl_divergence_by_hand():
     torch.manual_seed(0)
@@ -275,19 +277,6 @@ def test_decompose_records_its_source_for_teacher_auto(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _Pair(torch.nn.Module):
-    """conv → ReLU → strided conv → pool → linear; small enough to compute every layer output by hand."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Conv2d(3, 6, 3, padding=1)
-        self.b = torch.nn.Conv2d(6, 5, 3, stride=2, padding=1)
-        self.head = torch.nn.Linear(5, 4)
-
-    def forward(self, x):
-        return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
-
-
 def _rel(s, t):
     return float(((s - t) ** 2).sum() / (t ** 2).sum())
 
@@ -311,7 +300,7 @@ def test_layer_term_compares_each_decomposed_layer_with_the_teachers():
     from ttcompress.tt import decompose
 
     torch.manual_seed(6)
-    teacher = _Pair().eval()
+    teacher = TwoConvNet().eval()
     student = copy.deepcopy(teacher)
     decompose(student, rank=2, skip=("a",))  # only b is decomposed
     assert feature_layers(student, teacher) == ["b"]
