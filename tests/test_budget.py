@@ -225,6 +225,18 @@ def test_sensitivity_json_and_plot(tmp_path, r20, tiny_npz):
     assert 0 < r["rel_error"] < 1 and r["output_change"] > 0 and 0 <= r["accuracy"] <= 1
     assert doc["skipped"]["layer1.0.conv1"] == "skipped by --skip"
     assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert doc["data_aware"] is True  # the truncation decompose --calibrate makes
+    res = run("sensitivity", r20, "--arch", "resnet20", "--data", tiny_npz, "--ranks", "4", "--n", "4",
+              "--skip", "layer[12]*", "--skip", "conv1", "--json", "--device", "cpu", "--plain")
+    plain = json.loads(res.stdout)
+    assert res.exit_code == 0 and plain["data_aware"] is False
+    again = {p["layer"]: p for p in plain["rows"]}
+    aware = {q["layer"]: q for q in rows if q["rank"] == 4 and q["layer"] != "conv1"}
+    assert set(again) == set(aware)
+    assert all(again[k]["ranks"] == aware[k]["ranks"] for k in again)
+    # the data-aware factors trade error on the kernel for error on the inputs: other factors, a larger kernel error
+    assert any(again[k]["rel_error"] < aware[k]["rel_error"] - 1e-4 for k in again)
+    assert any(abs(again[k]["output_change"] - aware[k]["output_change"]) > 1e-6 for k in again)
     res = run("sensitivity", r20, "--arch", "resnet20", "--data", tiny_npz, "--plot", r20)
     assert res.exit_code == 2 and "over the input" in res.output
 

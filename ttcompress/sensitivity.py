@@ -2,7 +2,9 @@
 
 For every decomposable conv and every requested rank, the layer is replaced by its TT-SVD form (only that layer),
 the network is run on the images, and the result is compared with the dense network's: accuracy, cross-entropy,
-and the relative change of the logits ``‖f'(x) − f(x)‖² / ‖f(x)‖²`` (summed over the images).  ``ttcompress
+and the relative change of the logits ``‖f'(x) − f(x)‖² / ‖f(x)‖²`` (summed over the images).  By default the
+truncation is data-aware (TT-SVD on the kernel whitened by the second moments of the layer's inputs on the same
+images, :mod:`ttcompress.activations`), as ``decompose --calibrate`` truncates.  ``ttcompress
 sensitivity`` shows these; ``decompose --calibrate`` uses the same measurement to weight each layer's predicted
 damage in the budget allocation (:func:`calibrate`).
 """
@@ -54,9 +56,10 @@ class SensitivityReport:
     loss: float
     rows: list[SensitivityRow] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # layers not measured, and why
+    data_aware: bool = False  # truncated where the inputs live (input moments on the same images)
 
     def to_json(self) -> dict:
-        return {"n": self.n, "accuracy": self.accuracy, "loss": self.loss,
+        return {"n": self.n, "accuracy": self.accuracy, "loss": self.loss, "data_aware": self.data_aware,
                 "rows": [r.to_json() for r in self.rows], "skipped": self.skipped}
 
 
@@ -75,7 +78,7 @@ def measure(model: nn.Module, net: nn.Module, images: ImageSet, plan: Mapping[st
     its ``(r1, r2)`` (data-aware where ``input_moments`` has the layer); the network is left as it was.
     ``requested`` maps ``(layer, ranks)`` to the rank the user asked for, for the report."""
     reference, acc0, loss0 = _outputs(model, images, batch_size, device)
-    report = SensitivityReport(len(images), acc0, loss0)
+    report = SensitivityReport(len(images), acc0, loss0, data_aware=input_moments is not None)
     norm = max(float((reference.double() ** 2).sum()), 1e-300)
     convs = dict(conv_layers(net))
     with ensure(progress).task("sensitivity", total=sum(len(v) for v in plan.values())) as advance:
@@ -106,10 +109,12 @@ def measure(model: nn.Module, net: nn.Module, images: ImageSet, plan: Mapping[st
 
 def sensitivity(model: nn.Module, net: nn.Module, input_size: Sequence[int], images: ImageSet,
                 ranks: Iterable[int] = (4, 8, 16, 32), *, skip: Iterable[str] = (), batch_size: int = 256,
-                device: str | torch.device = "cpu", progress: Progress | None = None) -> SensitivityReport:
+                device: str | torch.device = "cpu", data_aware: bool = True,
+                progress: Progress | None = None) -> SensitivityReport:
     """Per decomposable conv and per rank R of ``ranks`` (r1 = min(R, Cin), r2 = min(R, Cout)): the network's
-    accuracy, loss and output change on ``images`` with only that layer decomposed, its relative error, parameters
-    and MACs.  ``model`` takes the images (normalisation included), ``net`` holds the layers."""
+    accuracy, loss and output change on ``images`` with only that layer decomposed (``data_aware``: truncated where
+    its inputs on ``images`` live), its relative error, parameters and MACs.  ``model`` takes the images
+    (normalisation included), ``net`` holds the layers."""
     wanted = sorted({int(r) for r in ranks})
     if not wanted or wanted[0] <= 0:
         raise UserError(f"--ranks must be positive integers, got {list(ranks)}")
@@ -128,8 +133,13 @@ def sensitivity(model: nn.Module, net: nn.Module, input_size: Sequence[int], ima
             if pair not in plan.setdefault(name, []):
                 plan[name].append(pair)
                 requested[(name, pair)] = r
+    moments = None
+    if data_aware and plan:
+        from ttcompress.activations import input_moments
+
+        moments = input_moments(model, net, images, plan, batch_size=batch_size, device=device)
     report = measure(model, net, images, plan, sites, batch_size=batch_size, device=device, requested=requested,
-                     progress=progress)
+                     input_moments=moments, progress=progress)
     report.skipped = skipped
     return report
 

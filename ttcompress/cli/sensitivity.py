@@ -26,6 +26,8 @@ def sensitivity(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: accuracy drop vs rank per layer."),
     skip: List[str] = typer.Option([], "--skip", help="Glob of layer names not to measure (repeatable)."),
+    data_aware: bool = typer.Option(True, "--data-aware/--plain", help="Truncate each layer where its inputs on "
+                                    "these images live (as decompose --calibrate does), or the kernel alone."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where torchvision data sets live."),
     arch: Optional[str] = ArchOpt,
     mean: Optional[str] = MeanOpt,
@@ -56,7 +58,7 @@ def sensitivity(
         model = loaded.model.to(torch_device)
         check_compatible(images, model, torch_device)
         report = measure(model, loaded.net, loaded.input_size, images, wanted, skip=skip, batch_size=batch_size,
-                         device=torch_device, progress=RichProgress())
+                         device=torch_device, data_aware=data_aware, progress=RichProgress())
         if plot is not None:
             plot_sensitivity(report, plot, title=f"sensitivity of {checkpoint.name} ({report.n} images)")
     if as_json:
@@ -68,7 +70,7 @@ def sensitivity(
                  f"{r.macs_before:,} → {r.macs_after:,}"] for r in report.rows]
         out_console.print(table(
             f"sensitivity {checkpoint.name}: dense {100 * report.accuracy:.2f} %, loss {report.loss:.4f}, "
-            f"n = {report.n}",
+            f"n = {report.n}, {'data-aware' if report.data_aware else 'plain'} truncation",
             ["layer", "R", "ranks", "acc. %", "Δ acc.", "loss", "output change", "rel. error", "params", "MACs"],
             rows))
         for name, why in report.skipped.items():
