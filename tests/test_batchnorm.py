@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from reference import random_images
-from ttcompress.batchnorm import channel_stats, correct_batchnorm
+from ttcompress.batchnorm import batchnorm_inputs, channel_stats, correct_batchnorm
 from ttcompress.tt import decompose
 
 
@@ -71,7 +71,8 @@ def test_an_unchanged_network_keeps_its_statistics():
     torch.manual_seed(0)
     net = _Net().eval()
     model = copy.deepcopy(net)
-    done = correct_batchnorm(net, model, random_images(n=20))
+    images = random_images(n=20)
+    done = correct_batchnorm(model, batchnorm_inputs(net, images), images)
     assert [c.name for c in done] == ["bn_a", "bn_b"]
     for name in ("bn_a", "bn_b", "unused"):
         torch.testing.assert_close(model.get_submodule(name).running_mean, net.get_submodule(name).running_mean,
@@ -101,7 +102,7 @@ def test_correction_follows_the_forward_order():
         m1, v1 = _stats(expected.b(torch.relu(bn(expected.a(x)))))
         _match(expected.bn_b, m0, v0, m1, v1)
     assert not torch.allclose(stale_b[0], m1, atol=1e-3)
-    done = correct_batchnorm(dense, model, images, batch_size=6)
+    done = correct_batchnorm(model, batchnorm_inputs(dense, images, batch_size=7), images, batch_size=6)
     for name in ("bn_a", "bn_b"):
         torch.testing.assert_close(model.get_submodule(name).running_mean,
                                    expected.get_submodule(name).running_mean, rtol=1e-5, atol=1e-5)
@@ -125,7 +126,8 @@ def test_layers_missing_from_the_original_are_left_alone():
     decompose(model, rank=2)
     dense.bn_b = nn.Identity()
     before = model.bn_b.running_mean.clone()
-    assert [c.name for c in correct_batchnorm(dense, model, random_images(n=20))] == ["bn_a"]
+    images = random_images(n=20)
+    assert [c.name for c in correct_batchnorm(model, batchnorm_inputs(dense, images), images)] == ["bn_a"]
     assert torch.equal(model.bn_b.running_mean, before)
 
 

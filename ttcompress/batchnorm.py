@@ -23,16 +23,15 @@ correction is for the decomposed model as it is used.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ttcompress.data import ImageSet
+from ttcompress.metrics import eval_mode
 
-__all__ = ["BatchNormCorrection", "batchnorm_layers", "channel_stats", "correct_batchnorm"]
+__all__ = ["BatchNormCorrection", "batchnorm_inputs", "batchnorm_layers", "channel_stats", "correct_batchnorm"]
 
 
 @dataclass
@@ -57,19 +56,10 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the measured layer has seen its input."""
 
 
-@contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
 @torch.no_grad()
 def channel_stats(model: nn.Module, names: list[str], images: ImageSet, *, batch_size: int = 128,
-                  device: str | torch.device = "cpu", stop: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                  device: str | torch.device = "cpu",
+                  stop: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{name: (mean, variance)}`` (float64, CPU; the population variance) of the input channels (dim 1) of each
     named module of ``model`` run in eval mode on ``images``.  With ``stop`` (one name only), each forward pass ends
     at that module."""
@@ -89,7 +79,7 @@ def channel_stats(model: nn.Module, names: list[str], images: ImageSet, *, batch
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
     try:
-        with _eval(model):
+        with eval_mode(model):
             for x, _ in images.batches(batch_size, device):
                 try:
                     model(x)
@@ -105,20 +95,25 @@ def channel_stats(model: nn.Module, names: list[str], images: ImageSet, *, batch
     return stats
 
 
+def batchnorm_inputs(model: nn.Module, images: ImageSet, *, batch_size: int = 128,
+                     device: str | torch.device = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The reference for :func:`correct_batchnorm`: :func:`channel_stats` of every BatchNorm's input in ``model``
+    (the network before it is decomposed) on ``images``, in one pass."""
+    return channel_stats(model, [name for name, _ in batchnorm_layers(model)], images, batch_size=batch_size,
+                         device=device)
+
+
 @torch.no_grad()
-def correct_batchnorm(dense: nn.Module, model: nn.Module, images: ImageSet, *, batch_size: int = 128,
-                      device: str | torch.device = "cpu") -> list[BatchNormCorrection]:
+def correct_batchnorm(model: nn.Module, reference: dict[str, tuple[torch.Tensor, torch.Tensor]], images: ImageSet,
+                      *, batch_size: int = 128, device: str | torch.device = "cpu") -> list[BatchNormCorrection]:
     """Correct the running statistics of every BatchNorm of ``model`` (the decomposed network, in place) for the
-    change of its input statistics from ``dense`` (the original, same module names, unchanged) on ``images``, so that
-    each BatchNorm's output there keeps the dense network's per-channel mean and variance.  BatchNorms
-    absent from ``dense`` or that no forward pass reaches are left alone.  Returns one entry per corrected layer."""
-    dense_names = {name for name, _ in batchnorm_layers(dense)}
-    layers = [(name, bn) for name, bn in batchnorm_layers(model) if name in dense_names]
-    reference = channel_stats(dense, [name for name, _ in layers], images, batch_size=batch_size, device=device)
+    change of its input statistics from ``reference`` (:func:`batchnorm_inputs` of the original network on the same
+    ``images``), so that each BatchNorm's output there keeps the original's per-channel mean and variance.
+    BatchNorms absent from ``reference`` (not in the original, or not reached) are left alone.  Returns one entry
+    per corrected layer."""
+    layers = [(name, bn) for name, bn in batchnorm_layers(model) if name in reference]
     done = []
     for name, bn in layers:
-        if name not in reference:
-            continue
         now = channel_stats(model, [name], images, batch_size=batch_size, device=device, stop=True)[name]
         (m0, v0), (m1, v1) = reference[name], now
         tiny = torch.finfo(torch.float32).tiny

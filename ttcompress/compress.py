@@ -122,8 +122,7 @@ def compress(model: nn.Module, net: nn.Module, input_size: Sequence[int], settin
     sites = layer_sites(model, input_size, net)
     macs_before = {n: module_macs(net.get_submodule(n), site) for n, site in sites.items()}
     originals = dict(conv_layers(net))
-    correcting = s.calibrate is not None and s.bn_correct
-    dense_model = copy.deepcopy(model) if s.latency or s.keep_faster or correcting else None
+    dense_model = copy.deepcopy(model) if s.latency or s.keep_faster else None
     timings: dict[str, tuple[float | None, float | None]] = {}
     tried: dict[tuple[str, tuple[int, int]], tuple[float, float]] = {}
 
@@ -144,6 +143,11 @@ def compress(model: nn.Module, net: nn.Module, input_size: Sequence[int], settin
         from ttcompress.activations import input_moments
 
         moments = input_moments(model, net, s.calibrate, sites, device=next(model.parameters()).device)
+    reference = None
+    if s.calibrate is not None and s.bn_correct:  # the BatchNorms' inputs in the original network
+        from ttcompress.batchnorm import batchnorm_inputs
+
+        reference = batchnorm_inputs(model, s.calibrate, device=next(model.parameters()).device)
     target = None
     if s.target is not None:
         metric, value = s.target
@@ -170,10 +174,10 @@ def compress(model: nn.Module, net: nn.Module, input_size: Sequence[int], settin
                     and not isinstance(originals[name], TTConv):
                 time_layer(name, module)
     corrected = None
-    if correcting:
+    if reference is not None:
         from ttcompress.batchnorm import correct_batchnorm
 
-        corrected = correct_batchnorm(dense_model, model, s.calibrate, device=next(model.parameters()).device)
+        corrected = correct_batchnorm(model, reference, s.calibrate, device=next(model.parameters()).device)
     report.params_after = sum(p.numel() for p in net.parameters())
     macs_after = {n: module_macs(net.get_submodule(n), site) for n, site in sites.items()}
     result = CompressionReport(report, macs_before, macs_after, target)

@@ -110,9 +110,9 @@ class Distillation:
 
     Called as ``term(model, images, labels, logits)`` like every extra loss term; :attr:`seconds` is the teacher's
     share of the run's time (its forward passes), reported in the timing breakdown; :attr:`parts` holds the last
-    call's weighted terms ``{"kd": …, "kd_feat": …}`` (their sum is the value returned).  With ``features``, ``student_net`` and ``teacher_net`` name the networks
-    whose same-named decomposed layers are compared (hooks on the student keep its training forward's outputs;
-    :meth:`close` removes them).
+    call's weighted terms ``{"kd": …, "kd_feat": …}`` (their sum is the value returned).  With ``features``,
+    ``student_net`` and ``teacher_net`` name the networks whose same-named decomposed layers are compared (hooks on
+    the student keep its training forward's outputs; :meth:`close` removes them).
     """
 
     name = "kd"

@@ -24,6 +24,7 @@ from .errors import UserError
 from .progress import Progress
 
 __all__ = [
+    "eval_mode",
     "predict",
     "accuracy",
     "ece",
@@ -62,7 +63,7 @@ def _unpack(images: ImageSet | torch.Tensor, labels: torch.Tensor | None) -> tup
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module, freeze: bool = False) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module, freeze: bool = False) -> Iterator[None]:
     """model.eval() for the duration; with ``freeze`` also stop gradients reaching the parameters."""
     was_training = model.training
     frozen: list[torch.nn.Parameter] = []
@@ -108,7 +109,7 @@ def predict(
     n = int(raw.shape[0])
     outs: list[torch.Tensor] = []
     prog = _progress.ensure(progress)
-    with _eval_mode(model), torch.inference_mode(), prog.task(description, total=n) as advance:
+    with eval_mode(model), torch.inference_mode(), prog.task(description, total=n) as advance:
         for start in range(0, n, batch_size):
             x = _as_float_images(raw[start : start + batch_size].to(device))
             outs.append(model(x).float().cpu())
@@ -328,7 +329,7 @@ def autoattack(
 
     dev = torch.device(device)
     fork_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    with _eval_mode(model, freeze=True), torch.random.fork_rng(devices=fork_devices):
+    with eval_mode(model, freeze=True), torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         if package.startswith("pyautoattack"):
             kwargs = dict(device=dev, eps=eps, norm=norm, seed=seed, version=version)
@@ -412,7 +413,7 @@ def empirical_lipschitz(
     gen = torch.Generator().manual_seed(int(seed))
     ratios: list[torch.Tensor] = []
     prog = _progress.ensure(progress)
-    with _eval_mode(model, freeze=True), prog.task("Lipschitz", total=n) as advance:
+    with eval_mode(model, freeze=True), prog.task("Lipschitz", total=n) as advance:
         for start in range(0, n, batch_size):
             x = x_all[start : start + batch_size].to(device).detach().clone().requires_grad_(True)
             with torch.enable_grad():
