@@ -7,15 +7,16 @@ the whole training set): on a model that was not changed at all it costs accurac
 
 :func:`correct_batchnorm` keeps the original statistics and applies only the change: for each BatchNorm, in the
 order of the forward pass, the mean ``m`` and variance ``v`` of its input channels are measured on the same images
-in the dense model (``m₀, v₀``) and in the decomposed one (``m₁, v₁``, its earlier BatchNorms already corrected),
+in the dense model (``m₀, v₀``: :func:`batchnorm_inputs`, one pass before decomposing) and in the decomposed one
+(``m₁, v₁``, its earlier BatchNorms already corrected),
 and the running statistics ``μ, σ² (+ eps)`` become
 
     σ'² + eps = (σ² + eps) · v₁ / v₀,      μ' = m₁ − (m₀ − μ) · √(v₁ / v₀)
 
 — the unique choice that gives the BatchNorm's output on those images the same per-channel mean and variance as in
 the dense network.  A layer whose inputs did not change keeps its statistics exactly, and the noise of a small
-sample mostly cancels between the two measurements.  Each measurement stops the forward pass at the BatchNorm it
-measures.  (Shared ResNet-20, 512 test images, decomposition alone: at ×2.6 fewer parameters, one rank 24, 23.0 %
+sample mostly cancels between the two measurements.  Each measurement in the decomposed network stops the forward
+pass at the BatchNorm it measures.  (Shared ResNet-20, 512 test images, decomposition alone: at ×2.6 fewer parameters, one rank 24, 23.0 %
 → 68.4 %; re-estimating the statistics from the same 256 images instead gives 60.4 %.)  A finetune that follows
 trains its BatchNorms on batch statistics and replaces the running ones, so it ends where it would have anyway: the
 correction is for the decomposed model as it is used.
