@@ -38,6 +38,19 @@ def test_demo_on_the_embedded_resnet20(tmp_path):
         assert (tmp_path / "demo").exists() and __import__("pathlib").Path(path).exists(), path
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert summary["rank"] == 8 and summary["arch"] == "resnet20"
+    # it distils from the original it decomposed (the teacher's time is its own line in the finetune's timings)
+    assert result.finetune["time_teacher"] > 0
+
+
+def test_demo_without_distillation(tmp_path):
+    settings = DemoSettings(
+        out_dir=tmp_path / "demo", model=asset("resnet20-cifar10.th"), arch="resnet20", rank=8, steps=2,
+        batch_size=16, clip_every=1, eval_images=16, attack_images=2, corruptions=("fog",), severities=(1,),
+        kd_alpha=0.0,
+    )
+    result = run_demo(settings)
+    check_result(result, 1.0)
+    assert result.finetune["time_teacher"] == 0
 
 
 @pytest.mark.slow

@@ -69,7 +69,8 @@ def demo(
                             ["", "original", f"TT rank {result.rank}", f"+{steps} steps, clip {clip_to:g}"], rows))
     out_console.print(f"CIFAR-10-C: {', '.join(settings.corruptions)} at severity "
                       f"{','.join(map(str, settings.severities))}")
-    out_console.print(f"finetune: {ft['steps']} steps in {ft['time_training'] + ft['time_control']:.1f} s, "
+    taught = " distilled from the original," if ft.get("time_teacher") else ""
+    out_console.print(f"finetune: {ft['steps']} steps in {ft['time_training'] + ft['time_control']:.1f} s,{taught} "
                       f"{100 * ft['control_share']:.0f} % of it in exact clipping")
     out_console.print("\nartefacts", style="bold")
     for key, path in result.artefacts.items():
@@ -79,7 +80,8 @@ def demo(
     out_console.print(
         f"  ttcompress decompose my-model.pt --arch {arch} --rank {result.rank} -o my-tt.safetensors\n"
         "  ttcompress spectrum my-tt.safetensors --plot my-spectrum.png\n"
-        f"  ttcompress finetune my-tt.safetensors --data cifar10 --epochs 10 --clip-to {clip_to:g} -o my-ft.safetensors\n"
+        f"  ttcompress finetune my-tt.safetensors --data cifar10 --epochs 10 --teacher auto --lr 0.001 "
+        f"--clip-to {clip_to:g} --clip-every 5 --final-reprojections 0 -o my-ft.safetensors\n"
         "  ttcompress eval my-ft.safetensors --data cifar10 --metrics accuracy,ece,cifar-c,autoattack --n 1000",
         soft_wrap=True,
     )
