@@ -16,8 +16,9 @@ and the running statistics ``μ, σ² (+ eps)`` become
 — the unique choice that gives the BatchNorm's output on those images the same per-channel mean and variance as in
 the dense network.  A layer whose inputs did not change keeps its statistics exactly, and the noise of a small
 sample mostly cancels between the two measurements.  Each measurement in the decomposed network stops the forward
-pass at the BatchNorm it measures.  (Shared ResNet-20, 512 test images, decomposition alone: at ×2.6 fewer parameters, one rank 24, 23.0 %
-→ 68.4 %; re-estimating the statistics from the same 256 images instead gives 60.4 %.)  A finetune that follows
+pass at the BatchNorm it measures.  (Shared ResNet-20, 512 test images, decomposition alone: at ×2.6 fewer
+parameters, one rank 24, 23.0 % → 68.4 %; re-estimating the statistics from the same 256 images instead gives
+60.4 %.)  A finetune that follows
 trains its BatchNorms on batch statistics and replaces the running ones, so it ends where it would have anyway: the
 correction is for the decomposed model as it is used.
 """

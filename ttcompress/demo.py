@@ -143,7 +143,8 @@ def _run_demo(settings: DemoSettings, paths: dict[str, Path], progress: Progress
         None, data=str(data_path), steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
         clip_to=settings.clip_to, clip_every=settings.clip_every, orthogonal_k=0.0, device=str(device),
         final_reprojections=settings.final_reprojections,
-        **(dict(teacher=str(model_path), teacher_arch=arch, kd_alpha=settings.kd_alpha) if settings.kd_alpha > 0 else {}),
+        **(dict(teacher=str(model_path), teacher_arch=arch, kd_alpha=settings.kd_alpha)
+           if settings.kd_alpha > 0 else {}),
         seed=settings.seed, save_every=max(settings.steps, 1),
     )
     result = finetune(tt_model, config, out_path=paths["finetuned"], progress=progress)

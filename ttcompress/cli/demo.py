@@ -69,7 +69,7 @@ def demo(
                             ["", "original", f"TT rank {result.rank}", f"+{steps} steps, clip {clip_to:g}"], rows))
     out_console.print(f"CIFAR-10-C: {', '.join(settings.corruptions)} at severity "
                       f"{','.join(map(str, settings.severities))}")
-    taught = " distilled from the original," if ft.get("time_teacher") else ""
+    taught = " distilled from the original," if ft["time_teacher"] else ""
     out_console.print(f"finetune: {ft['steps']} steps in {ft['time_training'] + ft['time_control']:.1f} s,{taught} "
                       f"{100 * ft['control_share']:.0f} % of it in exact clipping")
     out_console.print("\nartefacts", style="bold")
