@@ -423,6 +423,8 @@ def test_finetune_refuses_a_second_writer(tmp_path, ft_inputs):
     (["decompose", "{ck}", "--energy", "nan", "-o", "{tmp}/o.safetensors"], "--energy"),
     (["demo", "--clip-to", "nan", "--out", "{tmp}/d"], "--clip-to"),
     (["demo", "--clip-to", "inf", "--out", "{tmp}/d"], "--clip-to"),
+    (["demo", "--steps", "0", "--out", "{tmp}/d"], "--steps"),
+    (["demo", "--rank", "-1", "--out", "{tmp}/d"], "--rank"),
 ])
 def test_non_finite_flags_of_every_command(tmp_path, r20_file, args, needle):
     import ttcompress.cli.demo  # noqa: F401

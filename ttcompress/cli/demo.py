@@ -21,7 +21,8 @@ def _pct(value: float | None) -> str:
 def demo(
     out: Path = typer.Option(Path("ttcompress-demo"), "--out", help="Folder for every artefact."),
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or cuda:N."),
-    steps: int = typer.Option(60, "--steps", help="Finetuning steps on the embedded images."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Finetuning steps on the embedded images "
+                                        "(default: the demo's 100)."),
     rank: Optional[int] = typer.Option(None, "--rank", help="TT rank (default 64 for ResNet-18, 8 for ResNet-20)."),
     clip_to: float = typer.Option(1.0, "--clip-to", help="Clip every conv's singular values at this bound."),
     attack_images: int = typer.Option(16, "--attack-images", help="Images for AutoAttack (slow on CPU)."),
@@ -34,10 +35,10 @@ def demo(
     from ttcompress.demo import DemoSettings, run_demo
     from ttcompress.ui import RichProgress, err_console, out_console, print_json, say, table
 
-    if steps <= 0 or attack_images <= 0 or not 0 < clip_to < float("inf") or (rank is not None and rank <= 0):
+    if any(v is not None and v <= 0 for v in (steps, rank)) or attack_images <= 0 or not 0 < clip_to < float("inf"):
         raise UserError("--steps, --rank, --clip-to and --attack-images must be positive (and finite)")
-    settings = DemoSettings(out_dir=out, device=device, steps=steps, rank=rank, clip_to=clip_to,
-                            attack_images=attack_images)
+    settings = DemoSettings(out_dir=out, device=device, rank=rank, clip_to=clip_to, attack_images=attack_images,
+                            **({} if steps is None else {"steps": steps}))
     tell = (lambda m: None) if as_json else (lambda m: say(err_console, "•", m, "bold cyan"))
     result = run_demo(settings, progress=RichProgress(), say=tell)
     if as_json:
@@ -66,7 +67,8 @@ def demo(
     ratio = max(ratios) if ratios else None
     rows.append(["max σmax / bound", "", "", "–" if ratio is None else f"{ratio:.3f}"])
     out_console.print(table(f"{result.model_description}, {result.eval_original['n']} embedded test images",
-                            ["", "original", f"TT rank {result.rank}", f"+{steps} steps, clip {clip_to:g}"], rows))
+                            ["", "original", f"TT rank {result.rank}", f"+{settings.steps} steps, clip {clip_to:g}"],
+                            rows))
     out_console.print(f"CIFAR-10-C: {', '.join(settings.corruptions)} at severity "
                       f"{','.join(map(str, settings.severities))}")
     taught = " distilled from the original," if ft["time_teacher"] else ""
