@@ -10,7 +10,7 @@ original on the same images.
 
     python benchmarks/demo_bench.py                           # all rows, seeds 0 1 2 (CPU: about 10 min)
     python benchmarks/demo_bench.py --rows "demo" --seeds 0 1 2 3 4
-    python benchmarks/demo_bench.py --markdown benchmarks/results/demo_bench.json
+    python benchmarks/demo_bench.py --markdown benchmarks/results/demo_bench.json benchmarks/results/demo_bench_150.json
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ ROWS = {
         steps=100, lr=0.001, kd_alpha=1.0, clip_every=5, final_reprojections=0),
     "120 steps, KD α=1, lr 0.001, clip every 5, final rescale": dict(
         steps=120, lr=0.001, kd_alpha=1.0, clip_every=5, final_reprojections=0),
+    "150 steps, KD α=1, lr 0.001, clip every 5, final rescale": dict(
+        steps=150, lr=0.001, kd_alpha=1.0, clip_every=5, final_reprojections=0),
 }
 
 
@@ -113,10 +115,14 @@ def main() -> None:
     parser.add_argument("--rows", default=None, help="';'-separated substrings: run only the rows whose name "
                         "contains one")
     parser.add_argument("--out", default=str(RESULTS / "demo_bench.json"))
-    parser.add_argument("--markdown", metavar="RESULTS", help="print a results file as markdown and exit")
+    parser.add_argument("--markdown", metavar="RESULTS", nargs="+",
+                        help="print results files (of the same machine: one table) as markdown and exit")
     args = parser.parse_args()
     if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
+        docs = [json.loads(Path(f).read_text()) for f in args.markdown]
+        when = " and ".join(dict.fromkeys(d["machine"]["time"] for d in docs))
+        print(markdown(dict(docs[0], machine=dict(docs[0]["machine"], time=when),
+                            rows=[r for d in docs for r in d["rows"]])))
         return
     from ttcompress import checkpoint as ck
     from ttcompress.data import load_split
