@@ -74,40 +74,28 @@ ALLOCATED_ROWS = {
         allocate=True, lr=0.003, kd_alpha=1.0, teacher=True, clip_to=1.0, clip_every=10, final_reprojections=0,
         reset_momentum=False),
 }
+# the recipe (compress-short) on the calibrated start, and the same clipped to 1 with the final rescale
+RECIPE = dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, teacher=True)
+CLIPPED = dict(RECIPE, clip_to=1.0, final_reprojections=0)
 # decompose --target-ratio --calibrate: data-aware truncation and calibrated allocation (256 training images)
 CALIBRATED_ROWS = {
-    "calibrated, KD α=1, lr 0.003": dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, teacher=True),
-    "calibrated, clip 1, KD α=1, lr 0.003, final rescale": dict(
-        allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, teacher=True, clip_to=1.0, final_reprojections=0),
+    "calibrated, KD α=1, lr 0.003": RECIPE,
+    "calibrated, clip 1, KD α=1, lr 0.003, final rescale": CLIPPED,
     # --kd-features 1: each decomposed layer's output distilled from the teacher's
-    "calibrated, KD α=1 + layers 1, lr 0.003": dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0,
-                                                   kd_features=1.0, teacher=True),
-    "calibrated, clip 1, KD α=1 + layers 1, lr 0.003, final rescale": dict(
-        allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, kd_features=1.0, teacher=True, clip_to=1.0,
-        final_reprojections=0),
+    "calibrated, KD α=1 + layers 1, lr 0.003": dict(RECIPE, kd_features=1.0),
+    "calibrated, clip 1, KD α=1 + layers 1, lr 0.003, final rescale": dict(CLIPPED, kd_features=1.0),
     # the same 5 epochs in more, smaller steps
-    "calibrated, KD α=1, lr 0.003, batch 32": dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0,
-                                                   teacher=True, batch_size=32),
-    "calibrated, KD α=1, lr 0.01, batch 32": dict(allocate=True, calibrate=True, lr=0.01, kd_alpha=1.0,
-                                                  teacher=True, batch_size=32),
-    "calibrated, clip 1, KD α=1, lr 0.003, batch 32, final rescale": dict(
-        allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, teacher=True, batch_size=32, clip_to=1.0,
-        final_reprojections=0),
+    "calibrated, KD α=1, lr 0.003, batch 32": dict(RECIPE, batch_size=32),
+    "calibrated, KD α=1, lr 0.01, batch 32": dict(RECIPE, lr=0.01, batch_size=32),
+    "calibrated, clip 1, KD α=1, lr 0.003, batch 32, final rescale": dict(CLIPPED, batch_size=32),
 }
 # the remaining levers of issue 15 on the calibrated start with the recipe's settings (KD α=1, lr 0.003)
 LEVER_ROWS = {
-    "calibrated, KD α=1, lr 0.003, constant lr": dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0,
-                                                      teacher=True, schedule="constant"),
-    "calibrated, KD α=1, lr 0.003, weight decay 0": dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0,
-                                                         teacher=True, weight_decay=0.0),
-    "calibrated, KD α=1, lr 0.003, orthogonal k 1e5": dict(allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0,
-                                                           teacher=True, orthogonal_k=1e5),
-    "calibrated, clip 1 every 10, KD α=1, lr 0.003, final rescale": dict(
-        allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, teacher=True, clip_to=1.0, clip_every=10,
-        final_reprojections=0),
-    "calibrated, clip 1 every 5, KD α=1, lr 0.003, final rescale": dict(
-        allocate=True, calibrate=True, lr=0.003, kd_alpha=1.0, teacher=True, clip_to=1.0, clip_every=5,
-        final_reprojections=0),
+    "calibrated, KD α=1, lr 0.003, constant lr": dict(RECIPE, schedule="constant"),
+    "calibrated, KD α=1, lr 0.003, weight decay 0": dict(RECIPE, weight_decay=0.0),
+    "calibrated, KD α=1, lr 0.003, orthogonal k 1e5": dict(RECIPE, orthogonal_k=1e5),
+    "calibrated, clip 1 every 10, KD α=1, lr 0.003, final rescale": dict(CLIPPED, clip_every=10),
+    "calibrated, clip 1 every 5, KD α=1, lr 0.003, final rescale": dict(CLIPPED, clip_every=5),
 }
 
 
