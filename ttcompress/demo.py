@@ -11,10 +11,13 @@ import importlib.resources
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ttcompress import checkpoint as ck
 from ttcompress.progress import Progress
+
+if TYPE_CHECKING:
+    from ttcompress.train import FinetuneConfig
 
 DEMO_DATA = "cifar10_demo.npz"
 FALLBACK_MODEL = ("resnet20-cifar10.th", "resnet20")
@@ -104,6 +107,20 @@ def run_demo(settings: DemoSettings, progress: Progress | None = None,
         return _run_demo(settings, paths, progress, say)
 
 
+def finetune_config(settings: DemoSettings, data: Path, model: Path, arch: str, device: str) -> FinetuneConfig:
+    """The demo's finetune of the decomposed ``model``: no orthogonal loss; distilled from ``model`` (its ``arch``)
+    when ``settings.kd_alpha`` > 0."""
+    from ttcompress.train import FinetuneConfig
+
+    return FinetuneConfig.from_recipe(
+        None, data=str(data), steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
+        clip_to=settings.clip_to, clip_every=settings.clip_every, orthogonal_k=0.0, device=device,
+        final_reprojections=settings.final_reprojections, kd_alpha=settings.kd_alpha,
+        **(dict(teacher=str(model), teacher_arch=arch) if settings.kd_alpha > 0 else {}),
+        seed=settings.seed, save_every=max(settings.steps, 1),
+    )
+
+
 def _run_demo(settings: DemoSettings, paths: dict[str, Path], progress: Progress | None,
               say: Callable[[str], None]) -> DemoResult:
     from ttcompress.data import load_split
@@ -111,7 +128,7 @@ def _run_demo(settings: DemoSettings, paths: dict[str, Path], progress: Progress
     from ttcompress.evaluate import evaluate
     from ttcompress.report import plot_spectra
     from ttcompress.spectral import network_spectrum
-    from ttcompress.train import FinetuneConfig, finetune
+    from ttcompress.train import finetune
     from ttcompress.tt import decompose
 
     device = pick_device(settings.device)
@@ -139,14 +156,7 @@ def _run_demo(settings: DemoSettings, paths: dict[str, Path], progress: Progress
     timings["spectrum_before"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    config = FinetuneConfig.from_recipe(
-        None, data=str(data_path), steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
-        clip_to=settings.clip_to, clip_every=settings.clip_every, orthogonal_k=0.0, device=str(device),
-        final_reprojections=settings.final_reprojections,
-        **(dict(teacher=str(model_path), teacher_arch=arch, kd_alpha=settings.kd_alpha)
-           if settings.kd_alpha > 0 else {}),
-        seed=settings.seed, save_every=max(settings.steps, 1),
-    )
+    config = finetune_config(settings, data_path, model_path, arch, str(device))
     result = finetune(tt_model, config, out_path=paths["finetuned"], progress=progress)
     timings["finetune"] = time.perf_counter() - t
 
